@@ -1,0 +1,146 @@
+"""``WorkflowRadixCache``: SGLang's ``UnifiedRadixCache`` driven by workflow hints.
+
+The cache reads each request's hint once, when the scheduler first matches it,
+updates the workflow's steps, and gives the agent ownership of the node where
+its fixed prompt ends (splitting a node so that the boundary exists). After the
+request's KV is inserted it claims the boundary again, since the prompt may
+only now be in the tree. Eviction order itself lives in
+:class:`kvflow.eviction.WorkflowAwareStrategy`, applied by the tree core on
+both tiers. All methods run on the scheduler thread, like SGLang's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_unified_radix_cache
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+from kvflow import ownership
+from kvflow.config import KVFlowConfig
+from kvflow.hints import decode_transport
+from kvflow.tree_core import TREE_CORE_NAME
+from kvflow.workflows import AgentState, InvocationCounters, WorkflowTable
+
+CACHE_BACKEND_NAME = "kvflow"
+
+
+class WorkflowRadixCache(UnifiedRadixCache):
+    """A ``UnifiedRadixCache`` on the ``kvflow`` tree core that tracks workflow hints."""
+
+    def __init__(self, params: CacheInitParams) -> None:
+        config = KVFlowConfig.from_env() or KVFlowConfig()
+        params.tree_core_backend = TREE_CORE_NAME
+        super().__init__(params)
+        self.eviction_policy = params.eviction_policy
+        self.workflows = WorkflowTable(config.hint_ttl, config.max_workflows)
+        self.kvflow_totals = InvocationCounters()
+        self.kvflow_hinted_requests = 0
+
+    # ---- request lifecycle -------------------------------------------------
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        if params.req is not None and not hasattr(params.req, "kvflow_agent"):
+            self._admit(params.req)
+        return super().match_prefix(params)
+
+    def checkpoint_into_tree(self, req: Req, *, up_to: int, **kwargs) -> None:
+        super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
+        agent = getattr(req, "kvflow_agent", None)
+        if agent is not None and agent.steps is not None:
+            self._claim(agent, req)
+
+    def on_release(self, req: Req, *, checkpointed: bool) -> None:
+        super().on_release(req, checkpointed=checkpointed)
+        agent = getattr(req, "kvflow_agent", None)
+        if agent is None or not req.finished():
+            return
+        for counters in (agent.counters, self.kvflow_totals):
+            counters.record(req.kvflow_fixed_len, req.cached_tokens)
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        self._expire_workflows()
+        return super().evict(params)
+
+    # ---- hints and ownership -----------------------------------------------
+
+    def _admit(self, req: Req) -> None:
+        """Apply the request's hint (once per request)."""
+        hint = decode_transport(req.sampling_params.custom_params)
+        req.kvflow_agent = None
+        if hint is None:
+            return
+        self._expire_workflows()
+        agent, changed = self.workflows.observe(hint, req.origin_input_ids)
+        for other in changed:
+            if other.node is not None:
+                ownership.refresh_upward(other.node)
+        self.kvflow_hinted_requests += 1
+        if agent is None:
+            return
+        req.kvflow_agent = agent
+        req.kvflow_fixed_len = agent.fixed_prefix_len or 0
+        self._claim(agent, req)
+
+    def _claim(self, agent: AgentState, req: Req) -> None:
+        """Give ``agent`` the node where its fixed prompt ends, if that prefix is in the tree."""
+        length = (agent.fixed_prefix_len or 0) // self.page_size * self.page_size
+        if length == 0:
+            ownership.release(agent)
+            return
+        key = RadixKey(
+            token_ids=req.origin_input_ids[:length],
+            extra_key=req.extra_key,
+            cache_salt=req.cache_salt,
+        )
+        node, actions = self.tree_core.find_boundary_node(key)
+        self._apply_cache_actions(actions)
+        if node is not None:
+            ownership.assign(agent, node)
+
+    def _expire_workflows(self) -> None:
+        for workflow in self.workflows.expire():
+            for agent in workflow.agents.values():
+                agent.steps = None  # in-flight requests of this agent must not re-claim
+                ownership.release(agent)
+
+    # ---- observability -----------------------------------------------------
+
+    def _resident_tokens(self, node: Any) -> int:
+        """Device-resident tokens on the path from the root to ``node``."""
+        tokens = 0
+        while node is not None and node.parent is not None:
+            if not node.evicted:
+                tokens += len(node.key)
+            node = node.parent
+        return tokens
+
+    def kvflow_stats(self) -> dict[str, Any]:
+        """Per-workflow and per-agent counters for ``GET /kvflow/stats``."""
+        workflows = {}
+        for workflow in self.workflows.workflows():
+            workflows[workflow.workflow_id] = {
+                agent.agent_id: {
+                    "steps_to_execution": agent.steps,
+                    "fixed_prefix_len": agent.fixed_prefix_len,
+                    "owned_tokens_resident": self._resident_tokens(agent.node),
+                    **asdict(agent.counters),
+                }
+                for agent in workflow.agents.values()
+            }
+        return {
+            "eviction_policy": self.eviction_policy,
+            "totals": {**asdict(self.kvflow_totals), "hinted_requests": self.kvflow_hinted_requests},
+            "evictions": self.tree_core.kvflow_evictions,
+            "workflows": workflows,
+        }
+
+
+def workflow_cache_factory(ctx: TreeCacheBuildContext) -> UnifiedRadixCache:
+    """Radix-cache backend factory: SGLang's unified construction, our class."""
+    return create_unified_radix_cache(ctx, cache_class=WorkflowRadixCache)

@@ -1,0 +1,135 @@
+"""The workflow hint a request carries: schema, validation and transport.
+
+A hint is a JSON object::
+
+    {"workflow_id": "wf-1", "agent_id": "planner",
+     "fixed_prefix_len": 812,                       # optional
+     "steps_to_execution": {"planner": 0, "coder": 1}}  # optional
+
+Clients send it as a top-level ``kvflow`` field (``/generate`` and the OpenAI
+endpoints), as ``custom_params.kvflow`` (OpenAI endpoints), or as an action of
+``action_type`` ``"kvflow"`` inside SGLang's ``kv_hints`` envelope
+(``/generate``). The HTTP layer validates it with :func:`parse_hint` and hands
+it to the scheduler as a canonical JSON string under
+``sampling_params.custom_params["kvflow"]`` (:data:`TRANSPORT_KEY`), the one
+request field SGLang carries unchanged from every endpoint to ``Req``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+TRANSPORT_KEY = "kvflow"
+KV_HINTS_ACTION_TYPE = "kvflow"
+MAX_ID_LEN = 256
+MAX_STEPS_ENTRIES = 1024
+MAX_STEPS_VALUE = 1_000_000
+_FIELDS = ("workflow_id", "agent_id", "fixed_prefix_len", "steps_to_execution")
+
+
+class HintError(ValueError):
+    """A malformed hint; ``field`` names the offending field (e.g. ``kvflow.agent_id``)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class WorkflowHint:
+    """One request's validated view of its workflow."""
+
+    workflow_id: str
+    agent_id: str
+    fixed_prefix_len: int | None = None
+    steps_to_execution: Mapping[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Canonical JSON, the form carried to the scheduler."""
+        body: dict[str, Any] = {"workflow_id": self.workflow_id, "agent_id": self.agent_id}
+        if self.fixed_prefix_len is not None:
+            body["fixed_prefix_len"] = self.fixed_prefix_len
+        if self.steps_to_execution:
+            body["steps_to_execution"] = dict(self.steps_to_execution)
+        return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+
+def _check_id(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise HintError(name, f"must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LEN:
+        raise HintError(name, f"must be 1 to {MAX_ID_LEN} characters long")
+    return value
+
+
+def _check_count(value: Any, name: str) -> int:
+    # bool is an int subclass in Python; a JSON true is not a token count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HintError(name, f"must be an integer, got {type(value).__name__}")
+    if value < 0:
+        raise HintError(name, f"must be >= 0, got {value}")
+    return value
+
+
+def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = "kvflow") -> WorkflowHint:
+    """Validate a hint object; raise :class:`HintError` naming the first bad field.
+
+    ``prompt_len``, when known, bounds ``fixed_prefix_len``.
+    """
+    if not isinstance(raw, Mapping):
+        raise HintError(prefix, f"must be a JSON object, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _FIELDS:
+            raise HintError(f"{prefix}.{key}", f"unknown field (expected one of {', '.join(_FIELDS)})")
+    for required in ("workflow_id", "agent_id"):
+        if required not in raw:
+            raise HintError(f"{prefix}.{required}", "is required")
+    workflow_id = _check_id(raw["workflow_id"], f"{prefix}.workflow_id")
+    agent_id = _check_id(raw["agent_id"], f"{prefix}.agent_id")
+
+    fixed_prefix_len = raw.get("fixed_prefix_len")
+    if fixed_prefix_len is not None:
+        fixed_prefix_len = _check_count(fixed_prefix_len, f"{prefix}.fixed_prefix_len")
+        check_fixed_prefix_len(fixed_prefix_len, prompt_len, prefix)
+
+    steps_raw = raw.get("steps_to_execution")
+    steps: dict[str, int] = {}
+    if steps_raw is not None:
+        name = f"{prefix}.steps_to_execution"
+        if not isinstance(steps_raw, Mapping):
+            raise HintError(
+                name, f"must be an object mapping agent_id to steps, got {type(steps_raw).__name__}"
+            )
+        if len(steps_raw) > MAX_STEPS_ENTRIES:
+            raise HintError(name, f"at most {MAX_STEPS_ENTRIES} agents allowed, got {len(steps_raw)}")
+        for agent, value in steps_raw.items():
+            _check_id(agent, f"{name} key")
+            value = _check_count(value, f"{name}.{agent}")
+            if value > MAX_STEPS_VALUE:
+                raise HintError(f"{name}.{agent}", f"must be <= {MAX_STEPS_VALUE}, got {value}")
+            steps[agent] = value
+    return WorkflowHint(workflow_id, agent_id, fixed_prefix_len, steps)
+
+
+def check_fixed_prefix_len(
+    fixed_prefix_len: int | None, prompt_len: int | None, prefix: str = "kvflow"
+) -> None:
+    """Reject a fixed prefix longer than the prompt it claims to prefix."""
+    if fixed_prefix_len is not None and prompt_len is not None and fixed_prefix_len > prompt_len:
+        raise HintError(
+            f"{prefix}.fixed_prefix_len",
+            f"{fixed_prefix_len} exceeds the prompt length {prompt_len}",
+        )
+
+
+def decode_transport(custom_params: Any) -> WorkflowHint | None:
+    """The hint a request carries to the scheduler, or None for an un-hinted request."""
+    if not isinstance(custom_params, Mapping):
+        return None
+    encoded = custom_params.get(TRANSPORT_KEY)
+    if encoded is None:
+        return None
+    return parse_hint(json.loads(encoded))

@@ -1,0 +1,119 @@
+"""``python -m kvflow.launch_server``: SGLang's server with the workflow-aware cache.
+
+Takes every ``sglang.launch_server`` flag plus the ``--kvflow-*`` flags. By
+default it selects ``--radix-cache-backend kvflow --radix-eviction-policy
+kvflow``; pass other values (e.g. ``--radix-eviction-policy lru`` or
+``--radix-cache-backend stock``) to run stock behaviour through the same
+launcher. Without ``--model-path`` it serves the embedded default model with
+dummy weights. Without CUDA it configures SGLang's CPU engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from kvflow.config import KVFlowConfig
+
+EMBEDDED_MODEL_PATH = str(Path(__file__).resolve().parent / "model")
+PLUGIN_NAME = "kvflow"
+
+# Defaults for SGLang's CPU engine (see ../shared/KVFLOW.md section 6), each
+# applied only when the user did not pass the flag.
+CPU_DEFAULTS = (
+    ("--device", "cpu"),
+    ("--attention-backend", "torch_native"),
+    ("--sampling-backend", "pytorch"),
+    ("--dtype", "float32"),
+    ("--cuda-graph-backend-decode", "disabled"),
+    ("--cuda-graph-backend-prefill", "disabled"),
+    ("--max-total-tokens", "32768"),
+)
+
+
+def has_flag(argv: list[str], *names: str) -> bool:
+    """Whether any of ``names`` appears in ``argv`` (``--flag value`` or ``--flag=value``)."""
+    return any(arg in names or arg.split("=", 1)[0] in names for arg in argv)
+
+
+def with_defaults(argv: list[str], cuda: bool) -> list[str]:
+    """SGLang's argv with kvflow's defaults added where the user gave none."""
+    argv = list(argv)
+    if not has_flag(argv, "--model-path", "--model"):
+        argv += ["--model-path", EMBEDDED_MODEL_PATH]
+        if not has_flag(argv, "--load-format"):
+            argv += ["--load-format", "dummy"]
+    if not has_flag(argv, "--radix-cache-backend"):
+        argv += ["--radix-cache-backend", "kvflow"]
+    if not has_flag(argv, "--radix-eviction-policy"):
+        argv += ["--radix-eviction-policy", "kvflow"]
+    if not cuda:
+        for flag, value in CPU_DEFAULTS:
+            if not has_flag(argv, flag):
+                argv += [flag, value]
+        if not has_flag(argv, "--sleep-on-idle"):
+            argv.append("--sleep-on-idle")
+    return argv
+
+
+def use_cpu_engine() -> None:
+    """Point this process and its children at SGLang's CPU engine and our sgl_kernel stand-in."""
+    from kvflow.cpu_kernels import STANDIN_PATH
+
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    sys.path.insert(0, STANDIN_PATH)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (STANDIN_PATH, os.environ.get("PYTHONPATH")) if p)
+
+
+def kvflow_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvflow.launch_server",
+        description="SGLang server with KVFlow's workflow-aware KV cache. "
+        "All sglang.launch_server flags are accepted as well.",
+        add_help=False,
+    )
+    KVFlowConfig.add_cli_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = kvflow_arg_parser()
+    if has_flag(argv, "-h", "--help"):
+        parser.print_help()
+        print("\nSGLang flags:\n")
+    kvflow_args, sglang_argv = parser.parse_known_args(argv)
+    KVFlowConfig.from_cli(kvflow_args).to_env()
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        use_cpu_engine()
+    sglang_argv = with_defaults(sglang_argv, cuda)
+
+    if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="sglang.srt.plugins")):
+        sys.exit("kvflow is not installed as an SGLang plugin: run `pip install -e .` in the kvflow checkout")
+
+    from sglang.launch_server import run_server
+    from sglang.srt.entrypoints import http_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    from kvflow import patches
+
+    load_plugins()
+    patches.install_app_patches(http_server.app)
+    server_args = prepare_server_args(sglang_argv)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()
