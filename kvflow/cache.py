@@ -11,6 +11,7 @@ both tiers. All methods run on the scheduler thread, like SGLang's own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -23,7 +24,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow import ownership
 from kvflow.config import KVFlowConfig
-from kvflow.hints import decode_transport
+from kvflow.hints import WorkflowHint, decode_transport
 from kvflow.tree_core import TREE_CORE_NAME
 from kvflow.workflows import AgentState, InvocationCounters, WorkflowTable
 
@@ -53,7 +54,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
         agent = getattr(req, "kvflow_agent", None)
         if agent is not None and agent.steps is not None:
-            self._claim(agent, req)
+            self.claim(agent, req.origin_input_ids, req.extra_key, req.cache_salt)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
@@ -71,33 +72,46 @@ class WorkflowRadixCache(UnifiedRadixCache):
 
     def _admit(self, req: Req) -> None:
         """Apply the request's hint (once per request)."""
-        hint = decode_transport(req.sampling_params.custom_params)
         req.kvflow_agent = None
+        hint = decode_transport(req.sampling_params.custom_params)
         if hint is None:
             return
+        agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
+        if agent is not None:
+            req.kvflow_agent = agent
+            req.kvflow_fixed_len = agent.fixed_prefix_len or 0
+
+    def observe_hint(
+        self,
+        hint: WorkflowHint,
+        token_ids: Sequence[int],
+        extra_key: str | None = None,
+        cache_salt: str | None = None,
+    ) -> AgentState | None:
+        """Apply one request's hint: merge steps, re-rank, and claim the agent's boundary."""
         self._expire_workflows()
-        agent, changed = self.workflows.observe(hint, req.origin_input_ids)
+        self.kvflow_hinted_requests += 1
+        agent, changed = self.workflows.observe(hint, token_ids)
         for other in changed:
             if other.node is not None:
                 ownership.refresh_upward(other.node)
-        self.kvflow_hinted_requests += 1
-        if agent is None:
-            return
-        req.kvflow_agent = agent
-        req.kvflow_fixed_len = agent.fixed_prefix_len or 0
-        self._claim(agent, req)
+        if agent is not None:
+            self.claim(agent, token_ids, extra_key, cache_salt)
+        return agent
 
-    def _claim(self, agent: AgentState, req: Req) -> None:
+    def claim(
+        self,
+        agent: AgentState,
+        token_ids: Sequence[int],
+        extra_key: str | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
         """Give ``agent`` the node where its fixed prompt ends, if that prefix is in the tree."""
         length = (agent.fixed_prefix_len or 0) // self.page_size * self.page_size
         if length == 0:
             ownership.release(agent)
             return
-        key = RadixKey(
-            token_ids=req.origin_input_ids[:length],
-            extra_key=req.extra_key,
-            cache_salt=req.cache_salt,
-        )
+        key = RadixKey(token_ids=list(token_ids[:length]), extra_key=extra_key, cache_salt=cache_salt)
         node, actions = self.tree_core.find_boundary_node(key)
         self._apply_cache_actions(actions)
         if node is not None:

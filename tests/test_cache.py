@@ -1,0 +1,193 @@
+"""WorkflowRadixCache on SGLang's real unified radix tree (no model, no server)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from cache_harness import CacheDriver
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+from kvflow.config import KVFlowConfig
+from kvflow.hints import WorkflowHint
+
+SYSTEM = list(range(1, 31))  # a 30-token system prompt shared by every agent
+
+
+def agent_prompt(index: int, length: int = 20) -> list[int]:
+    return [1000 * (index + 1) + j for j in range(length)]
+
+
+def dynamic(tag: int, length: int = 5) -> list[int]:
+    return [500_000 + 10 * tag + j for j in range(length)]
+
+
+def hint(
+    agent: str, fixed: int | None, steps: dict[str, int] | None = None, workflow: str = "wf"
+) -> WorkflowHint:
+    return WorkflowHint(workflow, agent, fixed, steps or {})
+
+
+def test_shared_system_prompt_is_protected_by_its_most_urgent_user_without_copying_ownership():
+    driver = CacheDriver(size=400)
+    fixed = len(SYSTEM) + 20
+    driver.serve(SYSTEM + agent_prompt(0) + dynamic(0), hint("a", fixed, {"a": 0, "b": 3}))
+    driver.serve(SYSTEM + agent_prompt(1) + dynamic(1), hint("b", fixed, {"a": 2, "b": 0}))
+    agents = driver.cache.workflows.workflows()[0].agents
+    a_node, b_node = agents["a"].node, agents["b"].node
+    assert a_node is not None and b_node is not None and a_node is not b_node
+    shared = a_node.parent
+    assert shared is b_node.parent and len(shared.key) == len(SYSTEM)
+    assert shared.kvflow_owners == [] and shared.kvflow_min == 0  # min(a=2, b=0)
+    assert a_node.kvflow_owners == [agents["a"]] and a_node.kvflow_min == 2
+    suffix = next(iter(a_node.children.values()))
+    assert suffix.kvflow_owners == [] and suffix.kvflow_min is None  # dynamic part stays un-owned
+
+
+def test_split_puts_the_boundary_exactly_at_fixed_prefix_len():
+    driver = CacheDriver(size=200)
+    prompt = agent_prompt(0, 30)
+    driver.serve(prompt)  # one 30-token node, inserted before any hint
+    root = driver.cache.tree_core.root_node
+    (whole,) = root.children.values()
+    assert len(whole.key) == 30
+    driver.cache.observe_hint(hint("a", 18), prompt)
+    (boundary,) = root.children.values()
+    assert len(boundary.key) == 18 and boundary.kvflow_owners[0].agent_id == "a"
+    (tail,) = boundary.children.values()
+    assert tail is whole and len(tail.key) == 12 and tail.kvflow_owners == [] and tail.kvflow_min is None
+    driver.check_accounting()
+
+
+def test_a_later_split_above_the_boundary_does_not_copy_ownership_up():
+    driver = CacheDriver(size=200)
+    prompt = agent_prompt(0, 30)
+    driver.serve(prompt, hint("a", 30, {"a": 4}))
+    boundary = driver.cache.workflows.workflows()[0].agents["a"].node
+    driver.serve(prompt[:10] + [7, 7, 7])  # diverges inside the owned node
+    assert boundary.parent is not driver.cache.tree_core.root_node
+    assert len(boundary.key) == 20 and boundary.kvflow_owners[0].agent_id == "a"
+    assert boundary.parent.kvflow_owners == [] and boundary.parent.kvflow_min == 4
+
+
+def test_two_workflows_sharing_a_prefix_never_collide_and_take_the_lowest_steps():
+    driver = CacheDriver(size=400)
+    fixed = len(SYSTEM) + 20
+    driver.serve(SYSTEM + agent_prompt(0) + dynamic(0), hint("agent", fixed, {"agent": 5}, workflow="w1"))
+    driver.serve(SYSTEM + agent_prompt(1) + dynamic(1), hint("agent", fixed, {"agent": 1}, workflow="w2"))
+    w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
+    assert w1 is not w2 and w1.node is not w2.node
+    assert w1.steps == 5 and w2.steps == 1
+    assert w1.node.parent.kvflow_min == 1
+
+
+def test_unowned_nodes_are_evicted_before_any_owned_node_lru_among_them():
+    driver = CacheDriver(size=100)
+    driver.serve(agent_prompt(0, 40), hint("a", 40, {"a": 9}))  # owned, far away
+    driver.serve(agent_prompt(1, 20))  # un-hinted traffic, older
+    driver.serve(agent_prompt(2, 20))  # un-hinted traffic, newer
+    driver.allocator.freed.clear()
+    driver.cache.evict(EvictParams(num_tokens=30))
+    owned = agent_prompt(0, 40)
+    assert len(driver.allocator.freed) == 40  # both un-owned nodes, nothing owned
+    assert driver.cached_len(owned) == 40
+    assert driver.cached_len(agent_prompt(1, 20)) == 0 and driver.cached_len(agent_prompt(2, 20)) == 0
+    assert driver.cache.tree_core.kvflow_evictions["device"]["unowned"]["nodes"] == 2
+    assert driver.cache.tree_core.kvflow_evictions["device"]["owned"]["nodes"] == 0
+
+
+def test_owned_nodes_go_farthest_steps_first_and_follow_step_updates():
+    driver = CacheDriver(size=60)
+    views = [{"a": 0, "b": 1, "c": 2}, {"a": 2, "b": 0, "c": 1}, {"a": 1, "b": 2, "c": 0}]
+    for i, (agent, view) in enumerate(zip("abc", views, strict=True)):
+        driver.serve(agent_prompt(i), hint(agent, 20, view))
+    # the last request's view holds: a=1, b=2, c=0
+    driver.cache.evict(EvictParams(num_tokens=20))
+    assert driver.cached_len(agent_prompt(1)) == 0  # b, farthest
+    assert driver.cached_len(agent_prompt(0)) == 20 and driver.cached_len(agent_prompt(2)) == 20
+    driver.cache.observe_hint(hint("a", 20, {"a": 0, "c": 7}), agent_prompt(0))
+    driver.cache.evict(EvictParams(num_tokens=20))
+    assert driver.cached_len(agent_prompt(2)) == 0  # c moved to 7
+    assert driver.cached_len(agent_prompt(0)) == 20
+    assert driver.cache.tree_core.kvflow_evictions["device"]["owned"]["nodes"] == 2
+
+
+def test_nothing_is_pinned_owned_prompts_are_evicted_under_pressure():
+    driver = CacheDriver(size=60)
+    for i, agent in enumerate("abc"):
+        driver.serve(agent_prompt(i), hint(agent, 20, {agent: 0}))
+    hit = driver.serve(agent_prompt(3, 60))  # needs the whole pool
+    assert hit == 0
+    assert all(driver.cached_len(agent_prompt(i)) == 0 for i in range(3))
+    assert all(agent.node is None for agent in driver.cache.workflows.workflows()[0].agents.values())
+
+
+def test_stale_workflows_expire_back_to_plain_lru(monkeypatch):
+    monkeypatch.setenv("KVFLOW_CONFIG", '{"hint_ttl": 0.2, "max_workflows": 16}')
+    assert KVFlowConfig.from_env().hint_ttl == 0.2
+    driver = CacheDriver(size=40)
+    driver.serve(agent_prompt(0), hint("a", 20, {"a": 0}))
+    driver.serve(agent_prompt(1))  # newer un-owned traffic
+    time.sleep(0.3)
+    driver.cache.evict(EvictParams(num_tokens=20))  # expiry runs first, then plain LRU
+    assert len(driver.cache.workflows) == 0
+    assert driver.cached_len(agent_prompt(0)) == 0  # older, no longer protected
+    assert driver.cached_len(agent_prompt(1)) == 20
+
+
+def test_inferred_boundary_is_the_prefix_the_agent_keeps_repeating():
+    driver = CacheDriver(size=200)
+    fixed = agent_prompt(0, 25)
+    driver.serve(fixed + dynamic(1), hint("a", None))
+    agent = driver.cache.workflows.workflows()[0].agents["a"]
+    assert agent.fixed_prefix_len is None and agent.node is None  # one request proves nothing
+    driver.serve(fixed + dynamic(2), hint("a", None))
+    assert agent.fixed_prefix_len == 25 and len(agent.node.key) == 25
+
+
+def _random_requests(seed: int, count: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1, 50) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
+    requests = []
+    for _ in range(count):
+        base = list(rng.choice(prefixes))
+        base = base[: rng.randrange(1, len(base) + 1)]
+        requests.append(base + [rng.randrange(1, 50) for _ in range(rng.randrange(0, 25))])
+    return requests
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_without_hints_eviction_order_equals_stock_lru(seed):
+    kvflow = CacheDriver(size=150)
+    stock = CacheDriver(size=150, cache_class=UnifiedRadixCache, policy="lru")
+    for tokens in _random_requests(seed, 120):
+        assert kvflow.serve(tokens) == stock.serve(tokens)
+    assert len(stock.allocator.freed) > 500  # the pool really was under pressure
+    assert kvflow.allocator.freed == stock.allocator.freed
+
+
+def _cyclic_workflow_hits(policy: str, agents: int = 6, fixed: int = 40, capacity_prompts: int = 4) -> float:
+    """Fraction of invocations (after one warm-up round) whose fixed prompt was cached."""
+    dyn = 4
+    driver = CacheDriver(size=capacity_prompts * fixed + 2 * dyn, policy=policy)
+    hits = total = 0
+    for round_index in range(6):
+        for i in range(agents):
+            steps = {f"agent{j}": (j - i) % agents for j in range(agents)}
+            hit = driver.serve(
+                agent_prompt(i, fixed) + dynamic(round_index * agents + i, dyn),
+                hint(f"agent{i}", fixed, steps),
+            )
+            if round_index > 0:
+                total += 1
+                hits += hit >= fixed
+    return hits / total
+
+
+def test_cyclic_workflow_reaches_the_offline_optimum_where_lru_hits_nothing():
+    agents, capacity = 6, 4
+    optimum = (capacity - 1) / (agents - 1)
+    assert _cyclic_workflow_hits("kvflow", agents, capacity_prompts=capacity) >= 0.9 * optimum
+    assert _cyclic_workflow_hits("lru", agents, capacity_prompts=capacity) == 0.0
