@@ -111,7 +111,8 @@ class WorkflowRadixCache(UnifiedRadixCache):
         if length == 0:
             ownership.release(agent)
             return
-        key = RadixKey(token_ids=list(token_ids[:length]), extra_key=extra_key, cache_salt=cache_salt)
+        # Slicing keeps the container type, which must match the keys already in the tree.
+        key = RadixKey(token_ids=token_ids[:length], extra_key=extra_key, cache_salt=cache_salt)
         node, actions = self.tree_core.find_boundary_node(key)
         self._apply_cache_actions(actions)
         if node is not None:
