@@ -150,6 +150,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             }
         return {
             "eviction_policy": self.eviction_policy,
+            "pool_tokens": self.token_to_kv_pool_allocator.size,
             "totals": {**asdict(self.kvflow_totals), "hinted_requests": self.kvflow_hinted_requests},
             "evictions": self.tree_core.kvflow_evictions,
             "workflows": workflows,
