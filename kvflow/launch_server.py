@@ -20,6 +20,8 @@ from kvflow.config import KVFlowConfig
 
 EMBEDDED_MODEL_PATH = str(Path(__file__).resolve().parent / "model")
 PLUGIN_NAME = "kvflow"
+CACHE_BACKEND_NAME = "kvflow"  # kvflow.cache.CACHE_BACKEND_NAME, without importing SGLang early
+POLICY_NAME = "kvflow"  # kvflow.eviction.POLICY_NAME
 
 # Defaults for SGLang's CPU engine (see ../shared/KVFLOW.md section 6), each
 # applied only when the user did not pass the flag.
@@ -39,6 +41,17 @@ def has_flag(argv: list[str], *names: str) -> bool:
     return any(arg in names or arg.split("=", 1)[0] in names for arg in argv)
 
 
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value given to ``name`` (last one wins), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def with_defaults(argv: list[str], cuda: bool) -> list[str]:
     """SGLang's argv with kvflow's defaults added where the user gave none."""
     argv = list(argv)
@@ -46,10 +59,12 @@ def with_defaults(argv: list[str], cuda: bool) -> list[str]:
         argv += ["--model-path", EMBEDDED_MODEL_PATH]
         if not has_flag(argv, "--load-format"):
             argv += ["--load-format", "dummy"]
-    if not has_flag(argv, "--radix-cache-backend"):
-        argv += ["--radix-cache-backend", "kvflow"]
-    if not has_flag(argv, "--radix-eviction-policy"):
-        argv += ["--radix-eviction-policy", "kvflow"]
+    backend = flag_value(argv, "--radix-cache-backend")
+    if backend is None:
+        argv += ["--radix-cache-backend", CACHE_BACKEND_NAME]
+    # The kvflow policy needs kvflow's tree core; other backends keep SGLang's default policy.
+    if backend in (None, CACHE_BACKEND_NAME) and not has_flag(argv, "--radix-eviction-policy"):
+        argv += ["--radix-eviction-policy", POLICY_NAME]
     if not cuda:
         for flag, value in CPU_DEFAULTS:
             if not has_flag(argv, flag):

@@ -1,0 +1,26 @@
+# Set-up is implicit: every target first makes sure the project's virtual
+# environment exists and matches pyproject.toml (it is rebuilt when the pins change).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: install test demo lint
+
+$(STAMP): pyproject.toml
+	rm -f $(VENV)/.installed-*
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m kvflow.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check kvflow patches benchmarks tests tools
+	$(VENV)/bin/ruff check kvflow patches benchmarks tests tools
