@@ -26,7 +26,7 @@ from kvflow import ownership
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint, decode_transport
 from kvflow.tree_core import TREE_CORE_NAME
-from kvflow.workflows import AgentState, InvocationCounters, WorkflowTable
+from kvflow.workflows import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 
 CACHE_BACKEND_NAME = "kvflow"
 
@@ -118,11 +118,22 @@ class WorkflowRadixCache(UnifiedRadixCache):
         if node is not None:
             ownership.assign(agent, node)
 
+    def end_workflow(self, workflow_id: str) -> bool:
+        """Forget a workflow at once: its nodes become plain LRU. False if it was unknown."""
+        workflow = self.workflows.pop(workflow_id)
+        if workflow is not None:
+            self._forget(workflow)
+        return workflow is not None
+
     def _expire_workflows(self) -> None:
         for workflow in self.workflows.expire():
-            for agent in workflow.agents.values():
-                agent.steps = None  # in-flight requests of this agent must not re-claim
-                ownership.release(agent)
+            self._forget(workflow)
+
+    @staticmethod
+    def _forget(workflow: WorkflowState) -> None:
+        for agent in workflow.agents.values():
+            agent.steps = None  # in-flight requests of this agent must not re-claim
+            ownership.release(agent)
 
     # ---- observability -----------------------------------------------------
 

@@ -135,6 +135,11 @@ class WorkflowTable:
         agent.reference_prompt = agent.reference_prompt[:shared]
         agent.fixed_prefix_len = shared
 
+    def pop(self, workflow_id: str) -> WorkflowState | None:
+        """Forget one workflow now (it ended); return its state if it was known."""
+        self._last_seen.pop(workflow_id, None)
+        return self._workflows.pop(workflow_id, None)
+
     def expire(self) -> list[WorkflowState]:
         """Forget workflows past their TTL or past the cap; return them."""
         now = self._clock()

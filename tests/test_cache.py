@@ -191,3 +191,12 @@ def test_cyclic_workflow_reaches_the_offline_optimum_where_lru_hits_nothing():
     optimum = (capacity - 1) / (agents - 1)
     assert _cyclic_workflow_hits("kvflow", agents, capacity_prompts=capacity) >= 0.9 * optimum
     assert _cyclic_workflow_hits("lru", agents, capacity_prompts=capacity) == 0.0
+
+
+def test_ending_a_workflow_makes_its_prompts_plain_lru_at_once():
+    driver = CacheDriver(size=40)
+    driver.serve(agent_prompt(0), hint("a", 20, {"a": 0}))
+    driver.serve(agent_prompt(1))
+    assert driver.cache.end_workflow("wf") and not driver.cache.end_workflow("wf")
+    driver.cache.evict(EvictParams(num_tokens=20))
+    assert driver.cached_len(agent_prompt(0)) == 0 and driver.cached_len(agent_prompt(1)) == 20
