@@ -63,6 +63,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             return
         for counters in (agent.counters, self.kvflow_totals):
             counters.record(req.kvflow_fixed_len, req.cached_tokens)
+        self.agent_finished(agent)
 
     def evict(self, params: EvictParams) -> EvictResult:
         self._expire_workflows()
@@ -98,6 +99,11 @@ class WorkflowRadixCache(UnifiedRadixCache):
         if agent is not None:
             self.claim(agent, token_ids, extra_key, cache_salt)
         return agent
+
+    def agent_finished(self, agent: AgentState) -> None:
+        """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""
+        if self.workflows.finish(agent) and agent.node is not None:
+            ownership.refresh_upward(agent.node)
 
     def claim(
         self,

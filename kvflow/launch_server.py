@@ -5,7 +5,8 @@ default it selects ``--radix-cache-backend kvflow --radix-eviction-policy
 kvflow``; pass other values (e.g. ``--radix-eviction-policy lru`` or
 ``--radix-cache-backend stock``) to run stock behaviour through the same
 launcher. Without ``--model-path`` it serves the embedded default model with
-dummy weights. Without CUDA it configures SGLang's CPU engine.
+dummy weights. Without CUDA it configures SGLang's CPU engine (and, with
+``--enable-hierarchical-cache``, the io backend and layout of the CPU host tier).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ CPU_DEFAULTS = (
     ("--cuda-graph-backend-decode", "disabled"),
     ("--cuda-graph-backend-prefill", "disabled"),
     ("--max-total-tokens", "32768"),
+)
+# With --enable-hierarchical-cache on CPU: the only host-tier path kvflow's
+# ``cpu_host_tier`` patch implements in torch (see patches/cpu_host_tier.py).
+CPU_HICACHE_FLAGS = ("--enable-hierarchical-cache", "--enable-hicache")
+CPU_HICACHE_DEFAULTS = (
+    ("--hicache-io-backend", "direct"),
+    ("--hicache-mem-layout", "layer_first"),
 )
 
 
@@ -71,6 +79,10 @@ def with_defaults(argv: list[str], cuda: bool) -> list[str]:
                 argv += [flag, value]
         if not has_flag(argv, "--sleep-on-idle"):
             argv.append("--sleep-on-idle")
+        if has_flag(argv, *CPU_HICACHE_FLAGS):
+            for flag, value in CPU_HICACHE_DEFAULTS:
+                if not has_flag(argv, flag):
+                    argv += [flag, value]
     return argv
 
 

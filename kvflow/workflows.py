@@ -4,6 +4,9 @@ Merging rule: a workflow's view is the union of the ``steps_to_execution``
 maps its requests carried, the most recent value per agent winning; an agent a
 request does not name keeps its last value. The agent issuing a request is
 running, so it is at step 0 unless the request's map says otherwise.
+When the agent's request finishes and no newer hint moved it, the agent is no
+longer running: it becomes the farthest agent of its workflow (one more than
+the largest known value), as the agent that just finished is in a loop.
 A workflow not hinted for ``ttl`` seconds is forgotten (:meth:`expire`).
 
 Fixed-prompt boundary: ``fixed_prefix_len`` when the request gives it (the
@@ -134,6 +137,14 @@ class WorkflowTable:
         shared = _common_prefix_len(agent.reference_prompt, prompt)
         agent.reference_prompt = agent.reference_prompt[:shared]
         agent.fixed_prefix_len = shared
+
+    def finish(self, agent: AgentState) -> bool:
+        """The agent's request finished; return True if its steps changed."""
+        workflow = self._workflows.get(agent.workflow_id)
+        if workflow is None or workflow.agents.get(agent.agent_id) is not agent or agent.steps != 0:
+            return False
+        agent.steps = max(a.steps for a in workflow.agents.values() if a.steps is not None) + 1
+        return True
 
     def pop(self, workflow_id: str) -> WorkflowState | None:
         """Forget one workflow now (it ended); return its state if it was known."""

@@ -6,12 +6,12 @@ import random
 import time
 
 import pytest
-from cache_harness import CacheDriver
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint
+from kvflow.offline import CacheDriver
 
 SYSTEM = list(range(1, 31))  # a 30-token system prompt shared by every agent
 
@@ -40,8 +40,10 @@ def test_shared_system_prompt_is_protected_by_its_most_urgent_user_without_copyi
     assert a_node is not None and b_node is not None and a_node is not b_node
     shared = a_node.parent
     assert shared is b_node.parent and len(shared.key) == len(SYSTEM)
-    assert shared.kvflow_owners == [] and shared.kvflow_min == 0  # min(a=2, b=0)
-    assert a_node.kvflow_owners == [agents["a"]] and a_node.kvflow_min == 2
+    # b finished, so it became the farthest (3); a, next up, protects the shared prompt
+    assert (agents["a"].steps, agents["b"].steps) == (2, 3)
+    assert shared.kvflow_owners == [] and shared.kvflow_min == 2
+    assert a_node.kvflow_owners == [agents["a"]] and a_node.kvflow_min == 2 and b_node.kvflow_min == 3
     suffix = next(iter(a_node.children.values()))
     assert suffix.kvflow_owners == [] and suffix.kvflow_min is None  # dynamic part stays un-owned
 
@@ -103,14 +105,16 @@ def test_owned_nodes_go_farthest_steps_first_and_follow_step_updates():
     views = [{"a": 0, "b": 1, "c": 2}, {"a": 2, "b": 0, "c": 1}, {"a": 1, "b": 2, "c": 0}]
     for i, (agent, view) in enumerate(zip("abc", views, strict=True)):
         driver.serve(agent_prompt(i), hint(agent, 20, view))
-    # the last request's view holds: a=1, b=2, c=0
+    # the last view (a=1, b=2, c=0), then c finished and became the farthest: c=3
+    agents = driver.cache.workflows.workflows()[0].agents
+    assert [agents[x].steps for x in "abc"] == [1, 2, 3]
     driver.cache.evict(EvictParams(num_tokens=20))
-    assert driver.cached_len(agent_prompt(1)) == 0  # b, farthest
-    assert driver.cached_len(agent_prompt(0)) == 20 and driver.cached_len(agent_prompt(2)) == 20
-    driver.cache.observe_hint(hint("a", 20, {"a": 0, "c": 7}), agent_prompt(0))
+    assert driver.cached_len(agent_prompt(2)) == 0  # c, farthest
+    assert driver.cached_len(agent_prompt(0)) == 20 and driver.cached_len(agent_prompt(1)) == 20
+    driver.cache.observe_hint(hint("b", 20, {"a": 5, "b": 0}), agent_prompt(1))
     driver.cache.evict(EvictParams(num_tokens=20))
-    assert driver.cached_len(agent_prompt(2)) == 0  # c moved to 7
-    assert driver.cached_len(agent_prompt(0)) == 20
+    assert driver.cached_len(agent_prompt(0)) == 0  # a moved to 5
+    assert driver.cached_len(agent_prompt(1)) == 20
     assert driver.cache.tree_core.kvflow_evictions["device"]["owned"]["nodes"] == 2
 
 

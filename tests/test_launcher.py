@@ -29,3 +29,17 @@ def test_stock_backend_keeps_sglangs_default_policy():
     argv = with_defaults(["--radix-cache-backend", "stock"], cuda=True)
     assert flag_value(argv, "--radix-cache-backend") == "stock"
     assert flag_value(argv, "--radix-eviction-policy") is None
+
+
+def test_hicache_on_cpu_gets_the_direct_layer_first_host_tier_unless_given():
+    for enable in ("--enable-hierarchical-cache", "--enable-hicache"):
+        argv = with_defaults([enable, "--hicache-ratio", "4"], cuda=False)
+        assert flag_value(argv, "--hicache-io-backend") == "direct"
+        assert flag_value(argv, "--hicache-mem-layout") == "layer_first"
+    argv = with_defaults(["--enable-hicache", "--hicache-mem-layout=page_first_direct"], cuda=False)
+    assert flag_value(argv, "--hicache-mem-layout") == "page_first_direct"
+    assert argv.count("--hicache-mem-layout") == 0 and flag_value(argv, "--hicache-io-backend") == "direct"
+    # Without HiCache, or on a GPU machine, SGLang's own HiCache defaults stay.
+    assert flag_value(with_defaults([], cuda=False), "--hicache-io-backend") is None
+    argv = with_defaults(["--enable-hierarchical-cache"], cuda=True)
+    assert flag_value(argv, "--hicache-io-backend") is None and flag_value(argv, "--hicache-mem-layout") is None

@@ -67,7 +67,7 @@ def test_cyclic_workflow_kvflow_near_optimum_lru_near_zero_same_outputs(kvflow_s
 
 def test_patches_are_active_in_the_scheduler_process(kvflow_server):
     # The stats are produced by a hook inside the scheduler process itself.
-    assert stats(kvflow_server)["patches_active"] == ["hint_prompt_length", "stats_endpoint"]
+    assert stats(kvflow_server)["patches_active"] == ["hint_prompt_length", "stats_endpoint", "cpu_host_tier"]
 
 
 PROMPT = list(range(40, 90))

@@ -1,4 +1,4 @@
-"""Drive real SGLang radix caches (no model) the way the scheduler does.
+"""Drive real SGLang radix caches without a model, the way the scheduler does.
 
 A :class:`CacheDriver` owns a real ``TokenToKVPoolAllocator`` and a cache built
 from real ``CacheInitParams``; :meth:`serve` matches a prompt, evicts what the
@@ -87,5 +87,6 @@ class CacheDriver:
         )
         if agent is not None:
             cache.claim(agent, tokens)
+            cache.agent_finished(agent)
         self.check_accounting()
         return hit
