@@ -188,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = CostModel(args.recompute_tokens_per_s, args.link_gb_per_s, args.kv_bytes_per_token)
 
     results = [replay(workload, capacity, cost) for workload, capacity in default_cases(args.scale)]
-    print(
-        f"{'workload':<24} {'capacity':>8} {'optimum':>9} {'kvflow':>9} {'lru':>9} {'kvflow/opt':>10} {'lru/opt':>8}"
-    )
+    columns = ("capacity", "optimum", "kvflow", "lru")
+    print(f"{'workload':<24} " + " ".join(f"{c:>9}" for c in columns) + f" {'kvflow/opt':>10} {'lru/opt':>8}")
     failed = False
     for r in results:
         opt, kv, lru = (r[k]["miss_tokens"] for k in ("optimum", "kvflow", "lru"))
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         failed |= not ok
         r["kvflow_within_tolerance"] = ok
         print(
-            f"{r['workload']:<24} {r['capacity_tokens']:>8} {opt:>9} {kv:>9} {lru:>9} "
+            f"{r['workload']:<24} {r['capacity_tokens']:>9} {opt:>9} {kv:>9} {lru:>9} "
             f"{ratio:>10.2f} {lru_ratio:>8.2f}{'' if ok else '  <-- over tolerance'}"
         )
     if args.out:

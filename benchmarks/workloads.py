@@ -180,7 +180,7 @@ def realistic(
     vocab: int = DEFAULT_VOCAB,
     seed: int = 0,
 ) -> Workload:
-    """PEER-style 4-agent workflows: a shared system prompt plus role prompts of tens to hundreds of tokens."""
+    """PEER-style 4-agent workflows: a shared system prompt, role prompts of tens to hundreds of tokens."""
     rng = random.Random(seed)
     system = _tokens(rng, system_len, vocab)
     roles = {
