@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint gpukit
 
 $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
@@ -24,3 +24,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check kvflow patches benchmarks tests tools
 	$(VENV)/bin/ruff check kvflow patches benchmarks tests tools
+
+# The bundle the lent GPU machine needs (see benchmarks/gpu/device_compare.sh).
+gpukit: $(STAMP)
+	bash ../shared/gpukit/make_gpukit.sh .gpukit
+	$(VENV)/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .gpukit/whl requests urllib3 idna charset-normalizer certifi tqdm

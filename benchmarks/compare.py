@@ -1,0 +1,240 @@
+"""Side by side: stock SGLang configurations and kvflow on the same workload, interleaved.
+
+``python -m benchmarks.compare --workload sequential --params '{"fixed_len": 2048}'``
+starts one ``kvflow.launch_server`` per configuration with identical model,
+pool and flags, then runs the workload on them in turn (A B C A B C ...) for
+``--repeats`` rounds, and writes JSON, a markdown table of medians with ratios
+against each baseline, and PNG plots. Configurations:
+
+- ``lru``: stock SGLang cache selection (``--radix-cache-backend stock``), LRU, device pool only;
+- ``lru-hicache``: the same plus ``--enable-hierarchical-cache``;
+- ``priority``: stock ``--radix-eviction-policy priority`` with each request's priority set
+  from its agent's next use (the cheap alternative);
+- ``kvflow``: kvflow's workflow-aware eviction, device pool only;
+- ``kvflow-hicache``: kvflow's eviction on both tiers;
+- ``ideal``: stock LRU with a pool large enough to keep every prompt.
+
+With ``--one-at-a-time`` servers run one after another instead of side by side
+(for GPUs that cannot hold several models); runs then repeat per server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.run import run_workload
+from benchmarks.workloads import WORKLOADS, Workload
+from kvflow.server_process import ServerProcess
+
+CONFIGS: dict[str, list[str]] = {
+    "lru": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "lru"],
+    "lru-hicache": [
+        "--radix-cache-backend",
+        "stock",
+        "--radix-eviction-policy",
+        "lru",
+        "--enable-hierarchical-cache",
+    ],
+    "priority": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "priority"],
+    "kvflow": [],
+    "kvflow-hicache": ["--enable-hierarchical-cache"],
+    "ideal": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "lru"],
+}
+BASELINES = ("lru", "lru-hicache")
+
+
+def config_args(name: str, pool: int, ideal_pool: int, extra: list[str]) -> list[str]:
+    size = ideal_pool if name == "ideal" else pool
+    return [*CONFIGS[name], "--max-total-tokens", str(size), "--random-seed", "0", *extra]
+
+
+def median_summary(runs: list[dict]) -> dict:
+    keys = runs[0]["summary"].keys()
+    return {k: statistics.median(r["summary"][k] for r in runs) for k in keys}
+
+
+def markdown_table(medians: dict[str, dict]) -> str:
+    head = (
+        "| config | workflow latency (s) | TTFT (s) | fixed-prompt hit rate "
+        "| fixed tokens recomputed | host tokens |"
+    )
+    ratio_heads = [f" vs {b} |" for b in BASELINES if b in medians]
+    lines = [head + "".join(ratio_heads), "|---" * (6 + len(ratio_heads)) + "|"]
+    for name, m in medians.items():
+        row = (
+            f"| {name} | {m['workflow_latency_median_s']:.3f} | {m['ttft_median_s']:.3f} | "
+            f"{m['fixed_prompt_hit_rate']:.2f} | {m['fixed_tokens_recomputed']:.0f} | "
+            f"{m['cached_host_tokens']:.0f} |"
+        )
+        for b in BASELINES:
+            if b in medians:
+                row += f" {medians[b]['workflow_latency_median_s'] / m['workflow_latency_median_s']:.2f}x |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot(medians: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(medians)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(names, [medians[n]["workflow_latency_median_s"] for n in names], color="tab:blue")
+    ax1.set_ylabel("median workflow latency (s)")
+    ax1.tick_params(axis="x", rotation=30)
+    hit = [medians[n]["fixed_tokens_hit"] - medians[n]["cached_host_tokens"] for n in names]
+    host = [medians[n]["cached_host_tokens"] for n in names]
+    recomputed = [medians[n]["fixed_tokens_recomputed"] for n in names]
+    ax2.bar(names, hit, label="hit on device", color="tab:green")
+    ax2.bar(names, host, bottom=hit, label="loaded from host", color="tab:orange")
+    ax2.bar(
+        names,
+        recomputed,
+        bottom=[a + b for a, b in zip(hit, host, strict=True)],
+        label="recomputed",
+        color="tab:red",
+    )
+    ax2.set_ylabel("fixed-prompt tokens")
+    ax2.tick_params(axis="x", rotation=30)
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = ""
+    return f"{platform.node()}: {os.cpu_count()} CPUs, {gpu or 'no GPU'}, Python {platform.python_version()}"
+
+
+def compare(
+    workload: Workload,
+    configs: list[str],
+    pool: int,
+    repeats: int,
+    extra: list[str],
+    one_at_a_time: bool,
+    log_dir: Path,
+) -> dict:
+    calls = workload.interleaved()
+    ideal_pool = workload.fixed_tokens() + 4 * max(len(c.input_ids) + c.output_len for c in calls)
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    startup: dict[str, float] = {}
+
+    def launch(name: str) -> ServerProcess:
+        server = ServerProcess(config_args(name, pool, ideal_pool, extra), log_path=log_dir / f"{name}.log")
+        server.__enter__()
+        startup[name] = server.startup_seconds
+        return server
+
+    def measure(name: str, server: ServerProcess) -> None:
+        runs[name].append(run_workload(server.url, workload, priorities=(name == "priority"), progress=False))
+        print(f"  {name}: {runs[name][-1]['summary']['workflow_latency_median_s']:.3f}s", flush=True)
+
+    if one_at_a_time:
+        for name in configs:
+            server = launch(name)
+            try:
+                for _ in range(repeats):
+                    measure(name, server)
+            finally:
+                server.stop()
+    else:
+        servers = {name: launch(name) for name in configs}
+        try:
+            for repeat in range(repeats):
+                print(f"repeat {repeat + 1}/{repeats}", flush=True)
+                for name in configs:
+                    measure(name, servers[name])
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    medians = {name: median_summary(r) for name, r in runs.items()}
+    return {
+        "workload": workload.name,
+        "params": workload.params,
+        "pool_tokens": pool,
+        "ideal_pool_tokens": ideal_pool,
+        "repeats": repeats,
+        "one_at_a_time": one_at_a_time,
+        "extra_flags": extra,
+        "startup_s": startup,
+        "medians": medians,
+        "runs": {
+            name: [{k: v for k, v in r.items() if k != "calls"} for r in rs] for name, rs in runs.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="sequential")
+    parser.add_argument("--params", type=json.loads, default={}, help="workload keyword arguments (JSON)")
+    parser.add_argument(
+        "--configs", default="lru,priority,kvflow", help=f"comma-separated, from {', '.join(CONFIGS)}"
+    )
+    parser.add_argument(
+        "--pool-fraction", type=float, default=0.5, help="device pool as a fraction of all fixed prompts"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one-at-a-time", action="store_true")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", help="result file stem (default: workload name)")
+    parser.add_argument("server_flags", nargs="*", help="after --: flags for every server (model, backends)")
+    args = parser.parse_args(argv)
+
+    workload = WORKLOADS[args.workload](**args.params)
+    calls = workload.interleaved()
+    largest_varying = max(len(c.input_ids) - c.fixed_len + c.output_len for c in calls)
+    concurrency = len(workload.workflows)
+    pool = int(workload.fixed_tokens() * args.pool_fraction) + concurrency * largest_varying
+    configs = [c for c in args.configs.split(",") if c]
+    stem = args.name or workload.name
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out_dir / "logs" / stem
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    result = compare(workload, configs, pool, args.repeats, args.server_flags, args.one_at_a_time, log_dir)
+    result.update(
+        machine=machine(),
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+        command="python -m benchmarks.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+        duration_s=time.time() - started,
+    )
+    table = markdown_table(result["medians"])
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    header = f"## {stem}\n\n{result['machine']}, {result['date']}\n\n`{result['command']}`\n\n"
+    (args.out_dir / f"{stem}.md").write_text(header + table + "\n")
+    try:
+        plot(result["medians"], args.out_dir / f"{stem}.png", stem)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main()
