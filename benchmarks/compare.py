@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def compare(
     extra: list[str],
     one_at_a_time: bool,
     log_dir: Path,
+    partial_path: Path | None = None,
 ) -> dict:
     calls = workload.interleaved()
     ideal_pool = workload.fixed_tokens() + 4 * max(len(c.input_ids) + c.output_len for c in calls)
@@ -150,6 +152,8 @@ def compare(
     def measure(name: str, server: ServerProcess) -> None:
         runs[name].append(run_workload(server.url, workload, priorities=(name == "priority"), progress=False))
         print(f"  {name}: {runs[name][-1]['summary']['workflow_latency_median_s']:.3f}s", flush=True)
+        if partial_path is not None:  # what finished survives a timeout
+            partial_path.write_text(json.dumps({"startup_s": startup, "runs": runs}, indent=2))
 
     if one_at_a_time:
         for name in configs:
@@ -217,8 +221,19 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.out_dir / "logs" / stem
     log_dir.mkdir(parents=True, exist_ok=True)
 
+    # Under `timeout`, SIGTERM must still run the `finally` blocks that stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
-    result = compare(workload, configs, pool, args.repeats, args.server_flags, args.one_at_a_time, log_dir)
+    result = compare(
+        workload,
+        configs,
+        pool,
+        args.repeats,
+        args.server_flags,
+        args.one_at_a_time,
+        log_dir,
+        log_dir / "partial.json",
+    )
     result.update(
         machine=machine(),
         date=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -42,14 +42,14 @@ CONFIGS=lru,lru-hicache,kvflow-hicache,ideal
 VOCAB=128000
 
 ts "(a) sequential 10 agents, 8192/32/32"
-timeout 270 python3 -m benchmarks.compare --workload sequential \
-  --params "{\"fixed_len\": 8192, \"rounds\": 2, \"vocab\": $VOCAB}" \
+timeout 220 python3 -m benchmarks.compare --workload sequential \
+  --params "{\"fixed_len\": 8192, \"rounds\": 1, \"vocab\": $VOCAB}" \
   --configs $CONFIGS --repeats 1 --pool-fraction 0.45 --out-dir "$OUT/results" \
   --name gpu-sequential-8192 -- "${FLAGS[@]}"
-ts "(a) rc=$?"
+ts "(a) rc=$?"; pkill -f kvflow.launch_server; sleep 3
 
 ts "(b) 32 concurrent workflows, 1024/256/256"
-timeout 280 python3 -m benchmarks.compare --workload concurrent \
+timeout 330 python3 -m benchmarks.compare --workload concurrent \
   --params "{\"workflows\": 32, \"fixed_len\": 1024, \"rounds\": 1, \"vocab\": $VOCAB}" \
   --configs $CONFIGS --repeats 1 --pool-fraction 0.45 --out-dir "$OUT/results" \
   --name gpu-concurrent-32x1024 -- "${FLAGS[@]}"
