@@ -54,9 +54,18 @@ class Workload:
         return out
 
     def fixed_tokens(self) -> int:
-        """Distinct fixed-prompt tokens over all agents (what a pool must hold to miss nothing)."""
-        prompts = {(c.workflow_id, c.agent_id): c.fixed_len for w in self.workflows for c in w}
-        return sum(prompts.values())
+        """Distinct fixed-prompt tokens, shared prefixes counted once (a pool this big misses nothing)."""
+        trie: dict = {}
+        size = 0
+        prompts = {tuple(c.input_ids[: c.fixed_len]) for w in self.workflows for c in w}
+        for prompt in prompts:
+            node = trie
+            for token in prompt:
+                if token not in node:
+                    node[token] = {}
+                    size += 1
+                node = node[token]
+        return size
 
 
 def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
