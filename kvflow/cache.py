@@ -25,6 +25,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from kvflow import ownership
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint, decode_transport
+from kvflow.prefetch import Prefetcher
 from kvflow.tree_core import TREE_CORE_NAME
 from kvflow.workflows import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 
@@ -42,6 +43,26 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self.workflows = WorkflowTable(config.hint_ttl, config.max_workflows)
         self.kvflow_totals = InvocationCounters()
         self.kvflow_hinted_requests = 0
+        self.kvflow_config = config
+        self.prefetcher: Prefetcher | None = None
+
+    def init_hicache(self, server_args: Any, params: CacheInitParams) -> None:
+        super().init_hicache(server_args, params)
+        config = self.kvflow_config
+        if config.prefetch and self.cache_controller is not None:
+            self.prefetcher = Prefetcher(self, config.prefetch_steps, config.max_prefetch_tokens)
+
+    def check_hicache_events(self) -> None:
+        super().check_hicache_events()
+        if self.prefetcher is not None:
+            self.prefetcher.step()
+
+    def kvflow_blocks(self, req: Req) -> bool:
+        """Whether ``req`` must wait: its prompt runs through a prefetch not acknowledged yet."""
+        if self.prefetcher is None:
+            return False
+        key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        return self.prefetcher.blocks(key)
 
     # ---- request lifecycle -------------------------------------------------
 
@@ -61,8 +82,10 @@ class WorkflowRadixCache(UnifiedRadixCache):
         agent = getattr(req, "kvflow_agent", None)
         if agent is None or not req.finished():
             return
+        device = getattr(req, "cached_tokens_device", None)
+        host = getattr(req, "cached_tokens_host", None) or 0
         for counters in (agent.counters, self.kvflow_totals):
-            counters.record(req.kvflow_fixed_len, req.cached_tokens)
+            counters.record(req.kvflow_fixed_len, req.cached_tokens, device, host)
         self.agent_finished(agent)
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -81,6 +104,8 @@ class WorkflowRadixCache(UnifiedRadixCache):
         if agent is not None:
             req.kvflow_agent = agent
             req.kvflow_fixed_len = agent.fixed_prefix_len or 0
+            if self.prefetcher is not None:
+                self.prefetcher.on_admit(agent)
 
     def observe_hint(
         self,
@@ -170,6 +195,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             "pool_tokens": self.token_to_kv_pool_allocator.size,
             "totals": {**asdict(self.kvflow_totals), "hinted_requests": self.kvflow_hinted_requests},
             "evictions": self.tree_core.kvflow_evictions,
+            "prefetch": asdict(self.prefetcher.counters) if self.prefetcher is not None else None,
             "workflows": workflows,
         }
 

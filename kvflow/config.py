@@ -21,6 +21,12 @@ class KVFlowConfig:
 
     hint_ttl: float = 300.0
     max_workflows: int = 4096
+    max_agents: int = 64
+    learn_graph: bool = False
+    learn_min_observations: int = 2
+    prefetch: bool = True
+    prefetch_steps: int = 1
+    max_prefetch_tokens: int = 65536
 
     def to_env(self) -> None:
         """Publish this config to child processes."""
@@ -48,7 +54,45 @@ class KVFlowConfig:
             "--kvflow-max-workflows",
             type=int,
             default=KVFlowConfig.max_workflows,
-            help="Workflows tracked at once; past it the least recently hinted workflow is dropped.",
+            help="Workflows tracked at once; past it the least recently hinted workflow is dropped "
+            "(and registering another workflow is refused with HTTP 429).",
+        )
+        group.add_argument(
+            "--kvflow-max-agents",
+            type=int,
+            default=KVFlowConfig.max_agents,
+            help="Agents per registered or learned workflow (at most 1024); larger graphs are refused.",
+        )
+        group.add_argument(
+            "--kvflow-learn-graph",
+            action="store_true",
+            help="Learn the step structure of unregistered workflows from the order their agents run in.",
+        )
+        group.add_argument(
+            "--kvflow-learn-min-observations",
+            type=int,
+            default=KVFlowConfig.learn_min_observations,
+            help="Transitions out of an agent needed before the learned graph trusts its likely successor.",
+        )
+
+        group.add_argument(
+            "--kvflow-prefetch",
+            action=argparse.BooleanOptionalAction,
+            default=KVFlowConfig.prefetch,
+            help="With --enable-hierarchical-cache, load the fixed prompts of the agents due next "
+            "from host to device in the background.",
+        )
+        group.add_argument(
+            "--kvflow-prefetch-steps",
+            type=int,
+            default=KVFlowConfig.prefetch_steps,
+            help="Prefetch agents whose steps-to-execution is at most this (and at least 1).",
+        )
+        group.add_argument(
+            "--kvflow-max-prefetch-tokens",
+            type=int,
+            default=KVFlowConfig.max_prefetch_tokens,
+            help="Prefetched tokens in flight at once.",
         )
 
     @classmethod

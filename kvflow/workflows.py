@@ -34,14 +34,22 @@ class InvocationCounters:
     invocations: int = 0
     fixed_hit_invocations: int = 0
     fixed_tokens_hit: int = 0
+    fixed_tokens_from_device: int = 0
+    fixed_tokens_from_host: int = 0
     fixed_tokens_recomputed: int = 0
 
-    def record(self, fixed_len: int, cached_tokens: int) -> None:
-        """Account one finished request whose fixed prompt was ``fixed_len`` tokens."""
+    def record(self, fixed_len: int, cached_tokens: int, device: int | None = None, host: int = 0) -> None:
+        """Account one finished request whose fixed prompt was ``fixed_len`` tokens.
+
+        ``device`` / ``host`` split the cached prefix by tier (device first), when known.
+        """
         hit = min(fixed_len, cached_tokens)
+        from_device = hit if device is None else min(hit, device)
         self.invocations += 1
         self.fixed_hit_invocations += int(fixed_len > 0 and hit == fixed_len)
         self.fixed_tokens_hit += hit
+        self.fixed_tokens_from_device += from_device
+        self.fixed_tokens_from_host += min(hit - from_device, host)
         self.fixed_tokens_recomputed += fixed_len - hit
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
+from kvflow import patches
 from kvflow.demo import hit_rate, optimum_hit_rate, pool_tokens, run_cyclic_workflow
 from kvflow.server_process import ServerProcess
 
@@ -67,7 +68,8 @@ def test_cyclic_workflow_kvflow_near_optimum_lru_near_zero_same_outputs(kvflow_s
 
 def test_patches_are_active_in_the_scheduler_process(kvflow_server):
     # The stats are produced by a hook inside the scheduler process itself.
-    assert stats(kvflow_server)["patches_active"] == ["hint_prompt_length", "stats_endpoint", "cpu_host_tier"]
+    expected = [module.__name__.rsplit(".", 1)[-1] for module in patches.HOOK_PATCHES]
+    assert stats(kvflow_server)["patches_active"] == expected
 
 
 PROMPT = list(range(40, 90))

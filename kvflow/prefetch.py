@@ -1,0 +1,192 @@
+"""Overlapped prefetch: load the fixed prompts of the agents due next from host to device.
+
+Runs on the scheduler thread once per iteration (from the cache's
+``check_hicache_events``). For every agent whose steps-to-execution is between
+1 and ``steps_limit`` and whose fixed prompt is backed up on the host but not
+on the device, nearest first, it issues SGLang's own ``load_back`` for that
+path, bounded by SGLang's free load slots and ``max_tokens`` in flight. Room is
+made only from nodes no nearer agent needs: un-owned nodes and owned nodes
+with strictly larger steps (eviction order takes those first, so evicting
+exactly the tokens they hold never reaches a nearer agent). Until a load is
+acknowledged its nodes are *pending*: the scheduler holds back every waiting
+request whose prompt runs through them (``blocks``), so no batch reads KV
+before it landed and no second load is issued; once acknowledged the request
+is matched again and uses the loaded KV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.mem_cache.unified_cache.components import ComponentType
+
+from kvflow.workflows import AgentState
+
+
+@dataclass
+class PrefetchRecord:
+    agent: AgentState
+    node: Any
+    path: list[Any]  # the device-evicted nodes this load brings back
+    tokens: int
+    done: bool = False
+    used: bool = False
+
+
+@dataclass
+class PrefetchCounters:
+    issued: int = 0
+    completed: int = 0
+    timely: int = 0
+    late: int = 0
+    wasted: int = 0
+    dropped_stale: int = 0
+    skipped_no_room: int = 0
+    tokens_loaded: int = 0
+
+
+@dataclass
+class Prefetcher:
+    """Decides and issues prefetches for one ``WorkflowRadixCache``."""
+
+    cache: Any
+    steps_limit: int = 1
+    max_tokens: int = 65536
+    records: dict[int, PrefetchRecord] = field(default_factory=dict)  # by agent id()
+    counters: PrefetchCounters = field(default_factory=PrefetchCounters)
+
+    # ---- scheduler iteration ---------------------------------------------
+
+    def step(self) -> None:
+        """Reap finished loads, then issue new ones."""
+        self._reap()
+        self._issue()
+
+    def _pending_tokens(self) -> int:
+        return sum(r.tokens for r in self.records.values() if not r.done)
+
+    def _reap(self) -> None:
+        ongoing = self.cache.ongoing_load_back
+        for key, record in list(self.records.items()):
+            if not record.done and record.node.id not in ongoing:
+                record.done = True
+                self.counters.completed += 1
+                self.counters.tokens_loaded += record.tokens
+            elif record.done and not record.used and record.node.evicted:
+                self.counters.wasted += 1
+                del self.records[key]
+            elif record.done and (record.agent.steps is None or record.agent.steps > self.steps_limit):
+                # Loaded, then the workflow moved on: nothing to undo, the node is ranked as usual.
+                self.counters.dropped_stale += 1
+                del self.records[key]
+
+    def _candidates(self) -> list[AgentState]:
+        agents = [
+            agent
+            for workflow in self.cache.workflows.workflows()
+            for agent in workflow.agents.values()
+            if agent.steps is not None
+            and 1 <= agent.steps <= self.steps_limit
+            and agent.node is not None
+            and agent.node.evicted
+            and agent.node.backuped
+            and id(agent) not in self.records
+        ]
+        return sorted(agents, key=lambda a: a.steps)
+
+    def _issue(self) -> None:
+        cache = self.cache
+        for agent in self._candidates():
+            if not cache.has_free_load_back_slot():
+                return
+            path = _evicted_path(agent.node)
+            tokens = sum(len(node.key) for node in path)
+            if self._pending_tokens() + tokens > self.max_tokens:
+                continue
+            if not self._make_room(tokens, agent.steps):
+                self.counters.skipped_no_room += 1
+                continue
+            if cache.load_back(agent.node.id):
+                cache.ready_to_load_host_cache()
+                self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
+                self.counters.issued += 1
+
+    def _make_room(self, tokens: int, steps: int) -> bool:
+        allocator = self.cache.token_to_kv_pool_allocator
+        available = allocator.available_size()
+        if available >= tokens:
+            return True
+        if available + _evictable_farther_than(self.cache.tree_core.root_node, steps) < tokens:
+            return False
+        self.cache.evict(EvictParams(num_tokens=tokens - available))
+        return allocator.available_size() >= tokens
+
+    # ---- request admission -----------------------------------------------
+
+    def on_admit(self, agent: AgentState) -> None:
+        """The agent's request arrived: classify its prefetch as timely or late."""
+        record = self.records.get(id(agent))
+        if record is None or record.used:
+            return
+        record.used = True
+        if record.done:
+            self.counters.timely += 1
+            del self.records[id(agent)]
+        else:
+            self.counters.late += 1
+
+    def blocks(self, key: RadixKey) -> bool:
+        """Whether a waiting prompt runs through a node whose load is not acknowledged yet."""
+        pending = {id(node) for r in self.records.values() if not r.done for node in r.path}
+        if not pending:
+            return False
+        tree = self.cache.tree_core
+        node, offset = tree.root_node, 0
+        while offset + tree.page_size <= len(key):
+            child = node.children.get(key.child_key_at(offset, tree.page_size))
+            if child is None:
+                return False
+            if id(child) in pending:
+                return True
+            offset += len(child.key)
+            node = child
+        return False
+
+
+def _evicted_path(node: Any) -> list[Any]:
+    """The device-evicted nodes from ``node`` up to the first device-resident ancestor."""
+    path = []
+    while node is not None and node.parent is not None and node.evicted:
+        path.append(node)
+        node = node.parent
+    return path
+
+
+def _evictable_farther_than(root: Any, steps: int) -> int:
+    """Device tokens eviction may take before touching any owner with steps <= ``steps``.
+
+    Qualifying nodes (no owner below, or every owner farther) form whole
+    subtrees, and eviction order exhausts them first.
+    """
+    total, stack = 0, list(root.children.values())
+    while stack:
+        node = stack.pop()
+        if node.kvflow_min is None or node.kvflow_min > steps:
+            total += _unlocked_device_tokens(node)
+        else:
+            stack.extend(node.children.values())
+    return total
+
+
+def _unlocked_device_tokens(node: Any) -> int:
+    total, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        data = current.component_data[ComponentType.FULL]
+        if data.value is not None and data.lock_ref == 0:
+            total += len(current.key)
+        stack.extend(current.children.values())
+    return total

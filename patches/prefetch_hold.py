@@ -1,0 +1,34 @@
+"""Patch: hold back waiting requests whose prompt is still being prefetched.
+
+Target: ``Scheduler.get_new_batch_prefill`` (an AROUND hook). While a kvflow
+prefetch (``kvflow.prefetch``) is in flight, its nodes already carry device
+indices but their KV has not landed. Requests whose prompt runs through them
+are taken out of the waiting queue for this scheduling pass and put back at its
+head afterwards, so they are neither dispatched on unfinished KV nor trigger a
+second load; once the load is acknowledged they are matched again and use it.
+The queue list is edited in place because other scheduler parts hold it.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+TARGETS = ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",)
+
+
+def _hold_prefetching(original, scheduler, *args, **kwargs):
+    blocks = getattr(scheduler.tree_cache, "kvflow_blocks", None)
+    queue = scheduler.waiting_queue
+    held = [req for req in queue if blocks(req)] if blocks is not None and queue else []
+    if not held:
+        return original(scheduler, *args, **kwargs)
+    held_ids = {id(req) for req in held}
+    queue[:] = [req for req in queue if id(req) not in held_ids]
+    try:
+        return original(scheduler, *args, **kwargs)
+    finally:
+        queue[:0] = held
+
+
+def register_hooks() -> None:
+    HookRegistry.register(TARGETS[0], _hold_prefetching, HookType.AROUND)

@@ -1,0 +1,79 @@
+"""The prefetcher's rules on SGLang's real tree (room making, holding), without a server."""
+
+from __future__ import annotations
+
+from kvflow.patches.prefetch_hold import _hold_prefetching
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from kvflow.hints import WorkflowHint
+from kvflow.offline import CacheDriver
+from kvflow.prefetch import Prefetcher, PrefetchRecord
+
+
+def prompt(index: int, length: int = 20) -> list[int]:
+    return [1000 * (index + 1) + j for j in range(length)]
+
+
+def fill(driver: CacheDriver, steps: dict[str, int]) -> dict:
+    for i, agent in enumerate(steps):
+        driver.serve(prompt(i), WorkflowHint("wf", agent, 20, {}))
+    driver.cache.observe_hint(WorkflowHint("wf", "x", None, steps), [])
+    return driver.cache.workflows.workflows()[0].agents
+
+
+def test_making_room_never_evicts_an_agent_that_runs_sooner():
+    driver = CacheDriver(size=80)
+    agents = fill(driver, {"near": 1, "mid": 2, "far": 5, "farther": 6})
+    prefetcher = Prefetcher(driver.cache, steps_limit=2)
+    # Room for a prefetch of an agent at step 2: only 'far' and 'farther' may go.
+    assert prefetcher._make_room(40, steps=2)
+    assert driver.cached_len(prompt(0)) == 20 and driver.cached_len(prompt(1)) == 20
+    assert agents["far"].node is None and agents["farther"].node is None
+    # Nothing farther than step 1 is left but 'mid'; more room than that is refused, nothing evicted.
+    assert not prefetcher._make_room(80, steps=1)
+    assert driver.cached_len(prompt(0)) == 20 and driver.cached_len(prompt(1)) == 20
+    driver.check_accounting()
+
+
+def test_unowned_nodes_make_room_first():
+    driver = CacheDriver(size=60)
+    agents = fill(driver, {"near": 1, "far": 4})
+    driver.serve(prompt(7))  # un-hinted traffic
+    prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    assert prefetcher._make_room(20, steps=1)
+    assert driver.cached_len(prompt(7)) == 0
+    assert agents["far"].node is not None and agents["near"].node is not None
+
+
+def test_requests_through_a_pending_load_are_held_and_put_back_in_order():
+    driver = CacheDriver(size=80)
+    agents = fill(driver, {"a": 1, "b": 2})
+    prefetcher = Prefetcher(driver.cache)
+    node = agents["a"].node
+    prefetcher.records[id(agents["a"])] = PrefetchRecord(agents["a"], node, [node], 20)
+    assert prefetcher.blocks(RadixKey(prompt(0) + [5, 5]))
+    assert not prefetcher.blocks(RadixKey(prompt(1) + [5, 5]))
+
+    class Req:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+    class Scheduler:
+        def __init__(self):
+            self.tree_cache = type(
+                "Cache", (), {"kvflow_blocks": lambda _, r: prefetcher.blocks(RadixKey(r.tokens))}
+            )()
+            self.waiting_queue = [Req(prompt(1)), Req(prompt(0)), Req(prompt(2))]
+
+    scheduler = Scheduler()
+    queue = scheduler.waiting_queue
+    seen = []
+    _hold_prefetching(lambda s: seen.extend(r.tokens[0] for r in s.waiting_queue), scheduler)
+    assert seen == [prompt(1)[0], prompt(2)[0]]  # the held request was not offered
+    assert scheduler.waiting_queue is queue and [r.tokens[0] for r in queue] == [
+        prompt(0)[0],
+        prompt(1)[0],
+        prompt(2)[0],
+    ]
+    prefetcher.records[id(agents["a"])].done = True
+    assert not prefetcher.blocks(RadixKey(prompt(0)))
