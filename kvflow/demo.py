@@ -29,6 +29,7 @@ class Invocation:
     cached_tokens: int
     output_ids: list[int]
     latency: float
+    cached_device: int | None = None  # split of cached_tokens by tier, when the server reports it
 
     @property
     def fixed_hit(self) -> bool:
@@ -77,6 +78,7 @@ def run_cyclic_workflow(
             response = requests.post(f"{url}/generate", json=body, timeout=300)
             response.raise_for_status()
             out = response.json()
+            details = out["meta_info"].get("cached_tokens_details") or {}
             invocations.append(
                 Invocation(
                     round_index,
@@ -85,6 +87,7 @@ def run_cyclic_workflow(
                     out["meta_info"]["cached_tokens"],
                     out["output_ids"],
                     time.monotonic() - started,
+                    details.get("device"),
                 )
             )
     return invocations

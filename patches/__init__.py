@@ -11,14 +11,28 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from kvflow.patches import hint_middleware, hint_prompt_length, stats_endpoint
+from kvflow.patches import (
+    cpu_host_tier,
+    hint_middleware,
+    hint_prompt_length,
+    prefetch_hold,
+    stats_endpoint,
+)
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (hint_prompt_length, stats_endpoint)
+HOOK_PATCHES = (hint_prompt_length, stats_endpoint, prefetch_hold, cpu_host_tier)
 APP_PATCHES = (hint_middleware, stats_endpoint)
 ALL_TARGETS = tuple(
-    target for module in (hint_middleware, hint_prompt_length, stats_endpoint) for target in module.TARGETS
+    target
+    for module in (
+        hint_middleware,
+        hint_prompt_length,
+        stats_endpoint,
+        prefetch_hold,
+        cpu_host_tier,
+    )
+    for target in module.TARGETS
 )
 
 _active: list[str] = []

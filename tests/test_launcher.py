@@ -42,4 +42,6 @@ def test_hicache_on_cpu_gets_the_direct_layer_first_host_tier_unless_given():
     # Without HiCache, or on a GPU machine, SGLang's own HiCache defaults stay.
     assert flag_value(with_defaults([], cuda=False), "--hicache-io-backend") is None
     argv = with_defaults(["--enable-hierarchical-cache"], cuda=True)
-    assert flag_value(argv, "--hicache-io-backend") is None and flag_value(argv, "--hicache-mem-layout") is None
+    assert (
+        flag_value(argv, "--hicache-io-backend") is None and flag_value(argv, "--hicache-mem-layout") is None
+    )
