@@ -143,11 +143,23 @@ def compare(
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     startup: dict[str, float] = {}
 
-    def launch(name: str) -> ServerProcess:
-        server = ServerProcess(config_args(name, pool, ideal_pool, extra), log_path=log_dir / f"{name}.log")
-        server.__enter__()
-        startup[name] = server.startup_seconds
-        return server
+    def launch(names: list[str]) -> dict[str, ServerProcess]:
+        """Start the servers side by side, then wait for all of them."""
+        servers = {
+            name: ServerProcess(config_args(name, pool, ideal_pool, extra), log_path=log_dir / f"{name}.log")
+            for name in names
+        }
+        try:
+            for server in servers.values():
+                server.start()
+            for name, server in servers.items():
+                server.wait_ready()
+                startup[name] = server.startup_seconds
+        except BaseException:
+            for server in servers.values():
+                server.stop()
+            raise
+        return servers
 
     def measure(name: str, server: ServerProcess) -> None:
         runs[name].append(run_workload(server.url, workload, priorities=(name == "priority"), progress=False))
@@ -157,14 +169,14 @@ def compare(
 
     if one_at_a_time:
         for name in configs:
-            server = launch(name)
+            server = launch([name])[name]
             try:
                 for _ in range(repeats):
                     measure(name, server)
             finally:
                 server.stop()
     else:
-        servers = {name: launch(name) for name in configs}
+        servers = launch(configs)
         try:
             for repeat in range(repeats):
                 print(f"repeat {repeat + 1}/{repeats}", flush=True)

@@ -118,12 +118,22 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self._expire_workflows()
         self.kvflow_hinted_requests += 1
         agent, changed = self.workflows.observe(hint, token_ids)
-        for other in changed:
-            if other.node is not None:
-                ownership.refresh_upward(other.node)
+        self._rerank(changed)
         if agent is not None:
             self.claim(agent, token_ids, extra_key, cache_salt)
         return agent
+
+    def set_steps(self, workflow_id: str, steps: dict[str, int]) -> bool:
+        """Apply a steps view pushed by the server's workflow registry; False for an unknown workflow."""
+        changed = self.workflows.set_steps(workflow_id, steps)
+        self._rerank(changed or [])
+        return changed is not None
+
+    @staticmethod
+    def _rerank(agents: list[AgentState]) -> None:
+        for agent in agents:
+            if agent.node is not None:
+                ownership.refresh_upward(agent.node)
 
     def agent_finished(self, agent: AgentState) -> None:
         """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""

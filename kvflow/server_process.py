@@ -40,7 +40,17 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ServerProcess:
-        started = time.monotonic()
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start(self) -> None:
+        """Start the process without waiting (several servers can then start side by side)."""
+        self._started = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "kvflow.launch_server", *self.args],
@@ -48,24 +58,19 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_seconds = time.monotonic() - started
-        return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout
+    def wait_ready(self) -> None:
+        """Block until ``/health`` answers; raise if the server exits or the timeout passes."""
+        deadline = self._started + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}; log:\n{self.log_tail()}")
             try:
                 if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    self.startup_seconds = time.monotonic() - self._started
                     return
             except requests.RequestException:
                 pass

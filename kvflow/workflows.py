@@ -121,17 +121,31 @@ class WorkflowTable:
 
         steps = dict(hint.steps_to_execution)
         steps.setdefault(hint.agent_id, 0)
+        changed = self._merge_steps(workflow, steps)
+
+        agent = workflow.agent(hint.agent_id)
+        if agent is not None:
+            self._update_fixed_prefix(agent, hint, prompt)
+        return agent, changed
+
+    def set_steps(self, workflow_id: str, steps: dict[str, int]) -> list[AgentState] | None:
+        """Merge a steps view sent outside a request (e.g. by a registered workflow); None if unknown."""
+        workflow = self._workflows.get(workflow_id)
+        if workflow is None:
+            return None
+        self._workflows.move_to_end(workflow_id)
+        self._last_seen[workflow_id] = self._clock()
+        return self._merge_steps(workflow, steps)
+
+    @staticmethod
+    def _merge_steps(workflow: WorkflowState, steps: dict[str, int]) -> list[AgentState]:
         changed = []
         for agent_id, value in steps.items():
             agent = workflow.agent(agent_id)
             if agent is not None and agent.steps != value:
                 agent.steps = value
                 changed.append(agent)
-
-        agent = workflow.agent(hint.agent_id)
-        if agent is not None:
-            self._update_fixed_prefix(agent, hint, prompt)
-        return agent, changed
+        return changed
 
     @staticmethod
     def _update_fixed_prefix(agent: AgentState, hint: WorkflowHint, prompt: Sequence[int]) -> None:

@@ -17,12 +17,13 @@ from kvflow.patches import (
     hint_prompt_length,
     prefetch_hold,
     stats_endpoint,
+    workflow_endpoints,
 )
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (hint_prompt_length, stats_endpoint, prefetch_hold, cpu_host_tier)
-APP_PATCHES = (hint_middleware, stats_endpoint)
+HOOK_PATCHES = (hint_prompt_length, stats_endpoint, prefetch_hold, cpu_host_tier, workflow_endpoints)
+APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
 ALL_TARGETS = tuple(
     target
     for module in (
@@ -31,6 +32,7 @@ ALL_TARGETS = tuple(
         stats_endpoint,
         prefetch_hold,
         cpu_host_tier,
+        workflow_endpoints,
     )
     for target in module.TARGETS
 )

@@ -9,15 +9,19 @@ unchanged from every endpoint to the scheduler's ``Req``. Accepted forms, first
 found wins: a top-level ``kvflow`` object; ``custom_params.kvflow`` (OpenAI
 endpoints; ``sampling_params.custom_params.kvflow`` on ``/generate``); a
 ``kv_hints`` action with ``action_type`` ``"kvflow"`` (``/generate``).
-Requests without a hint pass through byte for byte.
+Requests without a hint pass through byte for byte. For registered and learned
+workflows the workflow registry (:mod:`kvflow.workflow_registry`) fills in the
+hint's steps, and the end of the response marks the agent finished.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from kvflow.hints import KV_HINTS_ACTION_TYPE, TRANSPORT_KEY, HintError, parse_hint
+from kvflow.hints import KV_HINTS_ACTION_TYPE, TRANSPORT_KEY, HintError, WorkflowHint, parse_hint
+from kvflow.workflow_registry import RequestTracker
 
 TARGETS = ("sglang.srt.entrypoints.http_server.app",)
 GENERATE_PATH = "/generate"
@@ -64,8 +68,11 @@ def _prompt_len(body: dict, path: str) -> int | None:
     return None
 
 
-def rewrite_body(body: Any, path: str) -> Any:
-    """Validate and move the hint into ``custom_params``; raise :class:`HintError` if malformed."""
+def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], WorkflowHint] | None = None) -> Any:
+    """Validate and move the hint into ``custom_params``; raise :class:`HintError` if malformed.
+
+    ``resolve`` completes a valid hint first (the workflow registry fills in its steps).
+    """
     if not isinstance(body, dict):
         return body
     found = _find_hint(body, path)
@@ -73,6 +80,8 @@ def rewrite_body(body: Any, path: str) -> Any:
         return body
     raw, where = found
     hint = parse_hint(raw, prompt_len=_prompt_len(body, path), prefix=where)
+    if resolve is not None:
+        hint = resolve(hint)
     for holder in _custom_params_holders(body, path, create=True):
         custom = holder.get("custom_params")
         if not isinstance(custom, dict):
@@ -105,10 +114,11 @@ class HintMiddleware:
                 break
         raw = b"".join(chunks)
         new_raw = raw
+        tracker = RequestTracker()  # registered and learned workflows: steps in, end of response out
         if b'"kvflow"' in raw:
             try:
                 body = json.loads(raw)
-                new_raw = json.dumps(rewrite_body(body, path)).encode()
+                new_raw = json.dumps(rewrite_body(body, path, tracker.begin)).encode()
             except HintError as error:
                 return await _send_error(send, error)
             except ValueError:
@@ -124,7 +134,7 @@ class HintMiddleware:
             replayed = True
             return {"type": "http.request", "body": new_raw, "more_body": False}
 
-        return await self.app({**scope, "headers": headers}, replay, send)
+        return await tracker.run(self.app, {**scope, "headers": headers}, replay, send)
 
 
 async def _send_error(send, error: HintError) -> None:

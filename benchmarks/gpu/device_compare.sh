@@ -37,22 +37,28 @@ FLAGS=(--model-path "$K/model" --load-format dummy --skip-tokenizer-init --dtype
        --attention-backend triton --sampling-backend pytorch --grammar-backend none
        --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled
        --hicache-io-backend direct --hicache-mem-layout layer_first --hicache-write-policy write_through
-       --enable-cache-report --disable-custom-all-reduce --skip-server-warmup --mem-fraction-static 0.85)
+       --enable-cache-report --disable-custom-all-reduce --skip-server-warmup --mem-fraction-static 0.85
+       --hicache-ratio 4)  # the host tier holds every fixed prompt (the paper's setting)
 CONFIGS=lru,lru-hicache,kvflow-hicache,ideal
 VOCAB=128000
 
+SETTINGS=${SETTINGS:-ab}   # which settings to run: a, b or ab
+if [[ $SETTINGS == *a* ]]; then
 ts "(a) sequential 10 agents, 8192/32/32"
-timeout 220 python3 -m benchmarks.compare --workload sequential \
+timeout ${TIMEOUT_A:-220} python3 -m benchmarks.compare --workload sequential \
   --params "{\"fixed_len\": 8192, \"rounds\": 1, \"vocab\": $VOCAB}" \
   --configs $CONFIGS --repeats 1 --pool-fraction 0.45 --out-dir "$OUT/results" \
   --name gpu-sequential-8192 -- "${FLAGS[@]}"
 ts "(a) rc=$?"; pkill -f kvflow.launch_server; sleep 3
+fi
 
+if [[ $SETTINGS == *b* ]]; then
 ts "(b) 32 concurrent workflows, 1024/256/256"
-timeout 330 python3 -m benchmarks.compare --workload concurrent \
+timeout ${TIMEOUT_B:-330} python3 -m benchmarks.compare --workload concurrent \
   --params "{\"workflows\": 32, \"fixed_len\": 1024, \"rounds\": 1, \"vocab\": $VOCAB}" \
   --configs $CONFIGS --repeats 1 --pool-fraction 0.45 --out-dir "$OUT/results" \
   --name gpu-concurrent-32x1024 -- "${FLAGS[@]}"
 ts "(b) rc=$?"
+fi
 pkill -f kvflow.launch_server || true
 ts "end"

@@ -1,0 +1,1 @@
+"""Integrations of kvflow's client SDK with agent frameworks (optional extras)."""

@@ -1,0 +1,166 @@
+"""The client SDK against a fake server (httpx mock transport) and a fake OpenAI client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from kvflow.client import AsyncWorkflow, KVFlowError, Workflow
+from kvflow.graph import AgentStepGraph
+
+GRAPH = AgentStepGraph(["planner", "coder"])
+GRAPH.add_edge("planner", "coder")
+SYSTEM = "You are the planner."
+
+
+class FakeServer:
+    """Records requests; ``/tokenize`` is byte-level like the embedded model."""
+
+    def __init__(self, tokenize_status: int = 200) -> None:
+        self.calls: list[tuple[str, str, object]] = []
+        self.tokenize_status = tokenize_status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.calls.append((request.method, request.url.raw_path.decode(), body))
+        if request.url.path == "/tokenize":
+            if self.tokenize_status != 200:
+                return httpx.Response(self.tokenize_status, json={"message": "no tokenizer"})
+            text = body.get("prompt") or "".join(f"<{m['role']}>{m['content']}" for m in body["messages"])
+            return httpx.Response(200, json={"tokens": list(text.encode()), "count": len(text)})
+        if request.method == "DELETE":
+            return httpx.Response(404, json={"message": "not known"})
+        if request.url.path == "/generate" and body["kvflow"]["agent_id"] == "intruder":
+            return httpx.Response(400, json={"message": "kvflow.agent_id: not an agent"})
+        return httpx.Response(200, json={"ok": True})
+
+    def paths(self, method: str | None = None) -> list[str]:
+        return [path for m, path, _ in self.calls if method in (None, m)]
+
+
+class FakeOpenAI:
+    """Stands in for ``openai.OpenAI``: records the keyword arguments of each create call."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+        self.completions = SimpleNamespace(create=self._create)
+
+    def _create(self, **kwargs):
+        self.created.append(kwargs)
+        return kwargs
+
+
+def workflow_with(server: FakeServer, graph: AgentStepGraph | None = GRAPH, **options) -> Workflow:
+    workflow = Workflow("http://kvflow.test/", graph, openai_client=FakeOpenAI(), **options)
+    workflow._http = httpx.Client(base_url=workflow.url, transport=httpx.MockTransport(server))
+    return workflow
+
+
+def test_registers_once_before_the_first_call_and_ends_on_close():
+    server = FakeServer()
+    with workflow_with(server, workflow_id="team/7") as workflow:
+        workflow.generate("planner", input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 1})
+        workflow.generate("coder", text="hello")
+    assert server.paths() == ["/kvflow/workflows", "/generate", "/generate", "/kvflow/workflows/team%2F7"]
+    registration = server.calls[0][2]
+    assert registration == {"workflow_id": "team/7", "graph": GRAPH.to_json()}
+    body = server.calls[1][2]
+    assert body["kvflow"] == {"workflow_id": "team/7", "agent_id": "planner"}
+    assert body["input_ids"] == [1, 2, 3] and body["sampling_params"] == {"max_new_tokens": 1}
+
+
+def test_without_a_graph_nothing_is_registered_and_ids_carry_the_type():
+    server = FakeServer()
+    workflow = workflow_with(server, None, workflow_type="review")
+    workflow.generate("a", text="x")
+    assert workflow.workflow_id.startswith("review:") and server.paths("POST") == ["/generate"]
+    workflow.close()  # the server did not know it: 404 is fine
+
+
+def test_text_fixed_prefix_is_measured_once_with_tokenize():
+    server = FakeServer()
+    workflow = workflow_with(server)
+    for task in ("one", "two"):
+        workflow.generate("planner", text=SYSTEM + task, fixed_prefix=SYSTEM)
+    assert server.paths().count("/tokenize") == 2  # two probes, once
+    assert [c[2]["prompt"] for c in server.calls if c[1] == "/tokenize"] == [SYSTEM + "0", SYSTEM + "1"]
+    assert server.calls[-1][2]["kvflow"]["fixed_prefix_len"] == len(SYSTEM)
+    with pytest.raises(ValueError, match="must start the text prompt"):
+        workflow.generate("planner", text="other", fixed_prefix=SYSTEM)
+    with pytest.raises(ValueError, match="exactly one of text and input_ids"):
+        workflow.generate("planner")
+
+
+def test_without_tokenize_the_boundary_is_left_to_the_server():
+    server = FakeServer(tokenize_status=404)
+    workflow = workflow_with(server)
+    workflow.completion("planner", SYSTEM + "go", fixed_prefix=SYSTEM)
+    assert "fixed_prefix_len" not in workflow.openai.created[0]["extra_body"]["kvflow"]
+
+
+def test_chat_marks_the_system_messages_and_rides_extra_body():
+    server = FakeServer()
+    workflow = workflow_with(server)
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Plan."},
+    ]
+    workflow.chat("planner", messages, max_tokens=3, extra_body={"top_k": 1})
+    kwargs = workflow.openai.created[0]
+    assert kwargs["model"] == "default" and kwargs["max_tokens"] == 3 and kwargs["messages"] == messages
+    fixed = len(f"<system>{SYSTEM}<developer>Be brief.<user>")
+    assert kwargs["extra_body"] == {
+        "top_k": 1,
+        "kvflow": {"workflow_id": workflow.workflow_id, "agent_id": "planner", "fixed_prefix_len": fixed},
+    }
+    probe = next(c[2] for c in server.calls if c[1] == "/tokenize")
+    assert probe["messages"][-1] == {"role": "user", "content": "0"}
+
+    workflow.chat("planner", [{"role": "user", "content": "hi"}])  # no system prompt: nothing to mark
+    workflow.chat("planner", messages, fixed_prefix=None)
+    workflow.chat("planner", messages, fixed_prefix=5)
+    hints = [created["extra_body"]["kvflow"] for created in workflow.openai.created[1:]]
+    assert [h.get("fixed_prefix_len") for h in hints] == [None, None, 5]
+    with pytest.raises(ValueError, match="fixed_prefix"):
+        workflow.chat("planner", messages, fixed_prefix="user")
+
+
+def test_server_errors_raise_with_their_status_and_message():
+    workflow = workflow_with(FakeServer())
+    with pytest.raises(KVFlowError, match="kvflow.agent_id") as error:
+        workflow.generate("intruder", text="x")
+    assert error.value.status == 400
+
+
+def test_frontier_and_info_use_the_quoted_item_path():
+    server = FakeServer()
+    workflow = workflow_with(server, workflow_id="a b")
+    workflow.set_frontier(running=["coder"])
+    workflow.info()
+    assert server.calls[1] == ("PATCH", "/kvflow/workflows/a%20b", {"running": ["coder"]})
+    assert server.calls[2][:2] == ("GET", "/kvflow/workflows/a%20b")
+
+
+def test_async_workflow_registers_once_under_concurrency():
+    server = FakeServer()
+
+    async def scenario() -> None:
+        workflow = AsyncWorkflow("http://kvflow.test", GRAPH)
+        workflow._http = httpx.AsyncClient(base_url=workflow.url, transport=httpx.MockTransport(server))
+        async with workflow:
+            await asyncio.gather(
+                workflow.generate("planner", text=SYSTEM + "a", fixed_prefix=SYSTEM),
+                workflow.generate("coder", input_ids=[1, 2], fixed_prefix=1),
+            )
+
+    asyncio.run(scenario())
+    assert server.paths("POST").count("/kvflow/workflows") == 1
+    hints = {c[2]["kvflow"]["agent_id"]: c[2]["kvflow"] for c in server.calls if c[1] == "/generate"}
+    assert hints["planner"]["fixed_prefix_len"] == len(SYSTEM) and hints["coder"]["fixed_prefix_len"] == 1
+    assert server.calls[-1][0] == "DELETE"
