@@ -75,7 +75,12 @@ class Prefetcher:
                 record.done = True
                 self.counters.completed += 1
                 self.counters.tokens_loaded += record.tokens
-            elif record.done and not record.used and record.node.evicted:
+            elif (
+                record.done
+                and not record.used
+                and (record.node.evicted or record.agent.node is not record.node)
+            ):
+                # Evicted (demoted, or deleted from the tree and so released by its owner) before use.
                 self.counters.wasted += 1
                 del self.records[key]
             elif record.done and (record.agent.steps is None or record.agent.steps > self.steps_limit):

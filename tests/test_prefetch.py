@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvflow.patches.prefetch_hold import _hold_prefetching
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from kvflow.hints import WorkflowHint
@@ -77,3 +78,38 @@ def test_requests_through_a_pending_load_are_held_and_put_back_in_order():
     ]
     prefetcher.records[id(agents["a"])].done = True
     assert not prefetcher.blocks(RadixKey(prompt(0)))
+
+
+def test_stale_and_wasted_prefetches_are_dropped_and_counted_timely_and_late_classified():
+    driver = CacheDriver(size=80)
+    agents = fill(driver, {"a": 1, "b": 1, "c": 1})
+    prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    for name in "abc":
+        agent = agents[name]
+        prefetcher.records[id(agent)] = PrefetchRecord(agent, agent.node, [agent.node], 20, done=True)
+    agents["b"].steps = 4  # the workflow moved on before b ran: stale
+    prefetcher.on_admit(agents["a"])  # a's request arrived after its load finished: timely
+    prefetcher._reap()
+    assert prefetcher.counters.timely == 1 and prefetcher.counters.dropped_stale == 1
+    assert set(prefetcher.records) == {id(agents["c"])}
+    driver.cache.evict(EvictParams(num_tokens=80))  # c's prompt evicted before use: wasted
+    prefetcher._reap()
+    assert prefetcher.counters.wasted == 1 and not prefetcher.records
+
+
+def test_a_load_in_flight_survives_a_step_change_and_a_request_arriving_first_is_late():
+    driver = CacheDriver(size=80)
+    agents = fill(driver, {"a": 1})
+    prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    agent = agents["a"]
+    prefetcher.records[id(agent)] = PrefetchRecord(agent, agent.node, [agent.node], 20)
+    # Stand-in for a host->device copy still in flight (on CPU the copies are synchronous).
+    driver.cache.ongoing_load_back[agent.node.id] = object()
+    agent.steps = 9
+    prefetcher._reap()
+    assert not prefetcher.records[id(agent)].done  # never cancelled
+    prefetcher.on_admit(agent)
+    assert prefetcher.counters.late == 1
+    del driver.cache.ongoing_load_back[agent.node.id]
+    prefetcher._reap()
+    assert prefetcher.records[id(agent)].done and prefetcher.counters.completed == 1
