@@ -137,6 +137,7 @@ def compare(
     one_at_a_time: bool,
     log_dir: Path,
     partial_path: Path | None = None,
+    hints: bool = True,
 ) -> dict:
     calls = workload.interleaved()
     ideal_pool = workload.fixed_tokens() + 4 * max(len(c.input_ids) + c.output_len for c in calls)
@@ -162,7 +163,10 @@ def compare(
         return servers
 
     def measure(name: str, server: ServerProcess) -> None:
-        runs[name].append(run_workload(server.url, workload, priorities=(name == "priority"), progress=False))
+        result = run_workload(
+            server.url, workload, hints=hints, priorities=(name == "priority"), progress=False
+        )
+        runs[name].append(result)
         print(f"  {name}: {runs[name][-1]['summary']['workflow_latency_median_s']:.3f}s", flush=True)
         if partial_path is not None:  # what finished survives a timeout
             partial_path.write_text(json.dumps({"startup_s": startup, "runs": runs}, indent=2))
@@ -195,6 +199,7 @@ def compare(
         "repeats": repeats,
         "one_at_a_time": one_at_a_time,
         "extra_flags": extra,
+        "hints": hints,
         "startup_s": startup,
         "medians": medians,
         "runs": {
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one-at-a-time", action="store_true")
+    parser.add_argument("--no-hints", action="store_true", help="send no kvflow hints (overhead check)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", help="result file stem (default: workload name)")
     parser.add_argument("server_flags", nargs="*", help="after --: flags for every server (model, backends)")
