@@ -24,6 +24,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from benchmarks.workloads import Call, Workload, branching, concurrent, cyclic_loop, realistic, sequential
 from kvflow.hints import WorkflowHint
 from kvflow.offline import CacheDriver
+from kvflow.workflows import common_prefix_len
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,7 @@ def _segment_cuts(workload: Workload) -> dict[tuple[str, str], list[int]]:
         for other_key, other in prompts.items():
             if other_key == key:
                 continue
-            shared = 0
-            while shared < min(len(prompt), len(other)) and prompt[shared] == other[shared]:
-                shared += 1
+            shared = common_prefix_len(prompt, other)
             if 0 < shared < len(prompt):
                 points.add(shared)
         cuts[key] = sorted(points)

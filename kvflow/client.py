@@ -39,6 +39,7 @@ from urllib.parse import quote
 import httpx
 
 from kvflow.graph import AgentStepGraph
+from kvflow.workflows import common_prefix_len
 
 DEFAULT_MODEL = "default"
 SYSTEM_ROLES = ("system", "developer")
@@ -59,14 +60,6 @@ class _Probe:
 
     key: str
     bodies: tuple[dict[str, Any], dict[str, Any]]
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _check_response(response: httpx.Response) -> Any:
@@ -161,7 +154,7 @@ class _WorkflowBase:
 
     def _measured(self, probe: _Probe, results: list[Any]) -> int | None:
         """Record the length two tokenizations share (None when ``/tokenize`` failed)."""
-        length = None if None in results else _common_prefix_len(*(r["tokens"] for r in results))
+        length = None if None in results else common_prefix_len(*(r["tokens"] for r in results))
         self._prefix_lens[probe.key] = length
         return length
 

@@ -79,7 +79,8 @@ class WorkflowState:
         return state
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -156,7 +157,7 @@ class WorkflowTable:
         if agent.reference_prompt is None:
             agent.reference_prompt = tuple(prompt)
             return
-        shared = _common_prefix_len(agent.reference_prompt, prompt)
+        shared = common_prefix_len(agent.reference_prompt, prompt)
         agent.reference_prompt = agent.reference_prompt[:shared]
         agent.fixed_prefix_len = shared
 
