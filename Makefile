@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(PY) -m kvflow.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check kvflow patches benchmarks tests tools
-	$(VENV)/bin/ruff check kvflow patches benchmarks tests tools
+	$(VENV)/bin/ruff format --check kvflow patches benchmarks tests tools examples
+	$(VENV)/bin/ruff check kvflow patches benchmarks tests tools examples
 
 # The bundle the lent GPU machine needs (see benchmarks/gpu/device_compare.sh).
 gpukit: $(STAMP)
