@@ -59,7 +59,8 @@ class WorkflowRadixCache(UnifiedRadixCache):
 
     def kvflow_blocks(self, req: Req) -> bool:
         """Whether ``req`` must wait: its prompt runs through a prefetch not acknowledged yet."""
-        if self.prefetcher is None:
+        # Called for every waiting request on every scheduling pass: cheap unless a load is in flight.
+        if self.prefetcher is None or not self.prefetcher.loading:
             return False
         key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
         return self.prefetcher.blocks(key)
@@ -137,8 +138,8 @@ class WorkflowRadixCache(UnifiedRadixCache):
 
     def agent_finished(self, agent: AgentState) -> None:
         """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""
-        if self.workflows.finish(agent) and agent.node is not None:
-            ownership.refresh_upward(agent.node)
+        if self.workflows.finish(agent):
+            self._rerank([agent])
 
     def claim(
         self,

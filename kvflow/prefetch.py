@@ -65,6 +65,11 @@ class Prefetcher:
         self._reap()
         self._issue()
 
+    @property
+    def loading(self) -> bool:
+        """Whether any issued load is not acknowledged yet."""
+        return any(not r.done for r in self.records.values())
+
     def _pending_tokens(self) -> int:
         return sum(r.tokens for r in self.records.values() if not r.done)
 
