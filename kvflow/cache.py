@@ -58,12 +58,19 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self.prefetcher.step()
 
     def kvflow_blocks(self, req: Req) -> bool:
-        """Whether ``req`` must wait: its prompt runs through a prefetch not acknowledged yet."""
+        """Whether ``req`` must wait: its prompt runs through a prefetch not acknowledged yet.
+
+        The first time a request must wait it is marked and counted (``prefetch.held``).
+        """
         # Called for every waiting request on every scheduling pass: cheap unless a load is in flight.
         if self.prefetcher is None or not self.prefetcher.loading:
             return False
         key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
-        return self.prefetcher.blocks(key)
+        blocked = self.prefetcher.blocks(key)
+        if blocked and not getattr(req, "kvflow_held", False):
+            req.kvflow_held = True
+            self.prefetcher.counters.held += 1
+        return blocked
 
     # ---- request lifecycle -------------------------------------------------
 
@@ -106,7 +113,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             req.kvflow_agent = agent
             req.kvflow_fixed_len = agent.fixed_prefix_len or 0
             if self.prefetcher is not None:
-                self.prefetcher.on_admit(agent)
+                self.prefetcher.on_admit(agent, held=getattr(req, "kvflow_held", False))
 
     def observe_hint(
         self,
@@ -207,6 +214,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             "totals": {**asdict(self.kvflow_totals), "hinted_requests": self.kvflow_hinted_requests},
             "evictions": self.tree_core.kvflow_evictions,
             "prefetch": asdict(self.prefetcher.counters) if self.prefetcher is not None else None,
+            "link_emulation_gbps": self.kvflow_config.emulate_link_gbps,
             "workflows": workflows,
         }
 

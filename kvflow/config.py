@@ -27,6 +27,7 @@ class KVFlowConfig:
     prefetch: bool = True
     prefetch_steps: int = 1
     max_prefetch_tokens: int = 65536
+    emulate_link_gbps: float = 0.0
 
     def to_env(self) -> None:
         """Publish this config to child processes."""
@@ -93,6 +94,17 @@ class KVFlowConfig:
             type=int,
             default=KVFlowConfig.max_prefetch_tokens,
             help="Prefetched tokens in flight at once.",
+        )
+        group.add_argument(
+            "--kvflow-emulate-link-gbps",
+            type=float,
+            default=KVFlowConfig.emulate_link_gbps,
+            metavar="GB_PER_S",
+            help="CPU host tier only (no CUDA): emulate a host<->device link of this many gigabytes per "
+            "second (GB/s, 1e9 bytes/s, not Gbit/s), one link per direction. Each HiCache transfer "
+            "still copies at once, but completes (is acknowledged, and unblocks the forward pass that "
+            "reads it) only after its bytes crossed the emulated link, queued behind earlier transfers. "
+            "0 (default) = off; anything measured with it on is emulation.",
         )
 
     @classmethod

@@ -12,6 +12,7 @@ dummy weights. Without CUDA it configures SGLang's CPU engine (and, with
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from importlib.metadata import entry_points
@@ -86,6 +87,22 @@ def with_defaults(argv: list[str], cuda: bool) -> list[str]:
     return argv
 
 
+def link_emulation_error(gbps: float, cuda: bool, argv: list[str]) -> str | None:
+    """Why ``--kvflow-emulate-link-gbps gbps`` cannot be used with SGLang's ``argv``, or None."""
+    if not (math.isfinite(gbps) and gbps >= 0):
+        return f"--kvflow-emulate-link-gbps must be a finite number >= 0 (GB/s), got {gbps}"
+    if gbps == 0:
+        return None
+    if cuda:
+        return (
+            "--kvflow-emulate-link-gbps emulates the host link of the CPU host tier (no CUDA); "
+            "this machine has CUDA and a real host link: drop the flag"
+        )
+    if not has_flag(argv, *CPU_HICACHE_FLAGS):
+        return "--kvflow-emulate-link-gbps needs --enable-hierarchical-cache (it delays host tier transfers)"
+    return None
+
+
 def use_cpu_engine() -> None:
     """Point this process and its children at SGLang's CPU engine and our sgl_kernel stand-in."""
     from kvflow.cpu_kernels import STANDIN_PATH
@@ -113,11 +130,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         print("\nSGLang flags:\n")
     kvflow_args, sglang_argv = parser.parse_known_args(argv)
-    KVFlowConfig.from_cli(kvflow_args).to_env()
+    config = KVFlowConfig.from_cli(kvflow_args)
 
     import torch
 
     cuda = torch.cuda.is_available()
+    error = link_emulation_error(config.emulate_link_gbps, cuda, sglang_argv)
+    if error is not None:
+        parser.error(error)
+    config.to_env()
     if not cuda:
         use_cpu_engine()
     sglang_argv = with_defaults(sglang_argv, cuda)

@@ -42,6 +42,7 @@ class PrefetchCounters:
     completed: int = 0
     timely: int = 0
     late: int = 0
+    held: int = 0  # requests held back by ``blocks`` (each counted once)
     wasted: int = 0
     dropped_stale: int = 0
     skipped_no_room: int = 0
@@ -136,17 +137,21 @@ class Prefetcher:
 
     # ---- request admission -----------------------------------------------
 
-    def on_admit(self, agent: AgentState) -> None:
-        """The agent's request arrived: classify its prefetch as timely or late."""
+    def on_admit(self, agent: AgentState, held: bool = False) -> None:
+        """The agent's request is matched: its prefetch was timely, or late if the request waited for it.
+
+        A request held back while the load was in flight (``held``) is matched only once it is done.
+        """
         record = self.records.get(id(agent))
         if record is None or record.used:
             return
         record.used = True
-        if record.done:
+        if record.done and not held:
             self.counters.timely += 1
-            del self.records[id(agent)]
         else:
             self.counters.late += 1
+        if record.done:
+            del self.records[id(agent)]
 
     def blocks(self, key: RadixKey) -> bool:
         """Whether a waiting prompt runs through a node whose load is not acknowledged yet."""

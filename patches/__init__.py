@@ -15,10 +15,13 @@ from kvflow.patches import (
     cpu_host_tier,
     hint_middleware,
     hint_prompt_length,
+    link_emulation,
     prefetch_hold,
     stats_endpoint,
     workflow_endpoints,
 )
+
+from kvflow.config import KVFlowConfig
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
@@ -33,6 +36,7 @@ ALL_TARGETS = tuple(
         prefetch_hold,
         cpu_host_tier,
         workflow_endpoints,
+        link_emulation,
     )
     for target in module.TARGETS
 )
@@ -51,11 +55,18 @@ def check_sglang_version() -> None:
 
 
 def register_hooks() -> None:
-    """Register the hook-registry patches (the caller's ``load_plugins`` applies them)."""
+    """Register the hook-registry patches (the caller's ``load_plugins`` applies them).
+
+    ``link_emulation`` is registered only when ``--kvflow-emulate-link-gbps`` is set.
+    """
     check_sglang_version()
     for module in HOOK_PATCHES:
         module.register_hooks()
         _active.append(module.__name__.rsplit(".", 1)[-1])
+    gbps = (KVFlowConfig.from_env() or KVFlowConfig()).emulate_link_gbps
+    if gbps > 0:
+        link_emulation.register_hooks(gbps)
+        _active.append("link_emulation")
 
 
 def install_app_patches(app) -> None:

@@ -26,7 +26,8 @@ Targets (``TARGETS``, under ``sglang.srt``):
   The copy is synchronous on the scheduler thread, so the acknowledgement
   protocol is unchanged: the completion events are ``torch.cpu.Event``
   (``record`` a no-op, ``query()`` true, ``synchronize`` a no-op), exact once
-  the copy has returned, and the acks are reaped as usual.
+  the copy has returned, and the acks are reaped as usual. (The optional
+  ``link_emulation`` patch delays those events to emulate a link's bandwidth.)
 - ``mem_cache.l2_transfer.L2TransferEngine.__init__`` (AFTER): its transfer
   streams are ``device_module.Stream()``, i.e. ``torch.cpu.Stream`` on CPU,
   which has no ``synchronize``; ``_submission`` calls it when a transfer
@@ -57,8 +58,8 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
         dst.index_copy_(0, dst_indices, src.index_select(0, src_indices))
 
 
-def _cpu_direct(pool, io_backend: str) -> bool:
-    """Whether this transfer is a CPU device pool on the direct/layer_first path."""
+def cpu_direct_path(pool, io_backend: str) -> bool:
+    """Whether a transfer of host pool ``pool`` is a CPU device pool on the direct/layer_first path."""
     return pool._transfer_device.type == "cpu" and io_backend == "direct" and pool.layout == "layer_first"
 
 
@@ -69,7 +70,7 @@ def _skip_host_register_without_cuda(original, buffer, *args, **kwargs):
 
 
 def _backup_from_device_all_layer(original, pool, device_pool, host_indices, device_indices, io_backend):
-    if not _cpu_direct(pool, io_backend):
+    if not cpu_direct_path(pool, io_backend):
         return original(pool, device_pool, host_indices, device_indices, io_backend)
     transfer_kv_direct(
         pool.device_k_buffers + pool.device_v_buffers,
@@ -83,7 +84,7 @@ def _backup_from_device_all_layer(original, pool, device_pool, host_indices, dev
 def _load_to_device_per_layer(
     original, pool, device_pool, host_indices, device_indices, layer_id, io_backend, **kwargs
 ):
-    if not _cpu_direct(pool, io_backend):
+    if not cpu_direct_path(pool, io_backend):
         return original(pool, device_pool, host_indices, device_indices, layer_id, io_backend, **kwargs)
     if not kwargs.get("is_draft", False) and not 0 <= layer_id < pool.target_layer_num:
         return

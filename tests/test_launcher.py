@@ -1,6 +1,17 @@
 """The launcher's argument handling (no server)."""
 
-from kvflow.launch_server import EMBEDDED_MODEL_PATH, flag_value, with_defaults
+import pytest
+import torch
+
+from kvflow import launch_server
+from kvflow.config import CONFIG_ENV, KVFlowConfig
+from kvflow.launch_server import (
+    EMBEDDED_MODEL_PATH,
+    flag_value,
+    kvflow_arg_parser,
+    link_emulation_error,
+    with_defaults,
+)
 
 
 def test_defaults_select_kvflow_the_embedded_model_and_the_cpu_engine():
@@ -45,3 +56,30 @@ def test_hicache_on_cpu_gets_the_direct_layer_first_host_tier_unless_given():
     assert (
         flag_value(argv, "--hicache-io-backend") is None and flag_value(argv, "--hicache-mem-layout") is None
     )
+
+
+def test_link_emulation_is_off_by_default_and_given_in_gigabytes_per_second():
+    parser = kvflow_arg_parser()
+    assert KVFlowConfig.from_cli(parser.parse_known_args([])[0]).emulate_link_gbps == 0
+    args, rest = parser.parse_known_args(["--kvflow-emulate-link-gbps", "52.8", "--port", "1"])
+    assert KVFlowConfig.from_cli(args).emulate_link_gbps == 52.8 and rest == ["--port", "1"]
+    help_text = " ".join(parser.format_help().split())
+    assert "GB/s, 1e9 bytes/s, not Gbit/s" in help_text and "0 (default) = off" in help_text
+
+
+def test_link_emulation_needs_the_cpu_host_tier():
+    hicache = ["--enable-hierarchical-cache"]
+    assert link_emulation_error(0.0, cuda=True, argv=[]) is None
+    assert link_emulation_error(0.5, cuda=False, argv=hicache) is None
+    assert "CUDA" in link_emulation_error(0.5, cuda=True, argv=hicache)
+    assert "--enable-hierarchical-cache" in link_emulation_error(0.5, cuda=False, argv=[])
+    for bad in (-1.0, float("nan"), float("inf")):
+        assert ">= 0" in link_emulation_error(bad, cuda=False, argv=hicache)
+
+
+def test_launcher_refuses_link_emulation_on_a_cuda_machine_before_starting(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        launch_server.main(["--kvflow-emulate-link-gbps", "1", "--enable-hierarchical-cache"])
+    assert exit_info.value.code == 2 and "real host link" in capsys.readouterr().err
