@@ -6,7 +6,11 @@ indices but their KV has not landed. Requests whose prompt runs through them
 are taken out of the waiting queue for this scheduling pass and put back at its
 head afterwards, so they are neither dispatched on unfinished KV nor trigger a
 second load; once the load is acknowledged they are matched again and use it.
-The queue list is edited in place because other scheduler parts hold it.
+The cache counts each held request once (``prefetch.held`` in the stats).
+The queue is filtered in place because other scheduler parts hold the list,
+and the held requests go back into ``scheduler.waiting_queue`` as it is after
+the call: when a batch forms, SGLang replaces the list with a new one
+(``self.waiting_queue = [x for x in self.waiting_queue if x not in can_run_set]``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def _hold_prefetching(original, scheduler, *args, **kwargs):
     try:
         return original(scheduler, *args, **kwargs)
     finally:
-        queue[:0] = held
+        scheduler.waiting_queue[:0] = held
 
 
 def register_hooks() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from kvflow.patches.prefetch_hold import _hold_prefetching
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -46,7 +48,7 @@ def test_unowned_nodes_make_room_first():
     assert agents["far"].node is not None and agents["near"].node is not None
 
 
-def test_requests_through_a_pending_load_are_held_and_put_back_in_order():
+def test_requests_through_a_pending_load_are_held_and_put_back_in_order_even_when_a_batch_forms():
     driver = CacheDriver(size=80)
     agents = fill(driver, {"a": 1, "b": 2})
     prefetcher = Prefetcher(driver.cache)
@@ -76,6 +78,13 @@ def test_requests_through_a_pending_load_are_held_and_put_back_in_order():
         prompt(1)[0],
         prompt(2)[0],
     ]
+
+    def dispatch_first(s):
+        # What SGLang does when a batch forms: a new list without the dispatched requests.
+        s.waiting_queue = s.waiting_queue[1:]
+
+    _hold_prefetching(dispatch_first, scheduler)
+    assert [r.tokens[0] for r in scheduler.waiting_queue] == [prompt(0)[0], prompt(2)[0]]
     prefetcher.records[id(agents["a"])].done = True
     assert not prefetcher.blocks(RadixKey(prompt(0)))
 
@@ -113,3 +122,22 @@ def test_a_load_in_flight_survives_a_step_change_and_a_request_arriving_first_is
     del driver.cache.ongoing_load_back[agent.node.id]
     prefetcher._reap()
     assert prefetcher.records[id(agent)].done and prefetcher.counters.completed == 1
+
+
+def test_a_held_request_is_counted_once_and_its_prefetch_is_late_even_if_done_when_matched():
+    driver = CacheDriver(size=80)
+    agents = fill(driver, {"a": 1, "b": 2})
+    cache = driver.cache
+    cache.prefetcher = prefetcher = Prefetcher(cache)
+    agent = agents["a"]
+    prefetcher.records[id(agent)] = PrefetchRecord(agent, agent.node, [agent.node], 20)
+
+    req = SimpleNamespace(origin_input_ids=prompt(0) + [5], extra_key=None, cache_salt=None)
+    other = SimpleNamespace(origin_input_ids=prompt(1) + [5], extra_key=None, cache_salt=None)
+    assert cache.kvflow_blocks(req) and cache.kvflow_blocks(req)  # two scheduling passes
+    assert not cache.kvflow_blocks(other)
+    assert prefetcher.counters.held == 1 and req.kvflow_held and not hasattr(other, "kvflow_held")
+    prefetcher.records[id(agent)].done = True  # acknowledged: the request is matched only now
+    assert not cache.kvflow_blocks(req)
+    prefetcher.on_admit(agent, held=True)
+    assert prefetcher.counters.late == 1 and prefetcher.counters.timely == 0 and not prefetcher.records

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import requests
 
+from benchmarks.run import run_workload
+from benchmarks.workloads import concurrent
 from kvflow.demo import run_cyclic_workflow
 from kvflow.server_process import ServerProcess
 
@@ -50,3 +52,16 @@ def test_stock_hicache_loads_on_demand_and_outputs_are_identical(runs):
     assert [r.output_ids for r in kvflow_runs] == [r.output_ids for r in stock_runs]
     measured = [r for r in stock_runs if r.round_index >= 1]
     assert sum((r.cached_device or 0) >= FIXED for r in measured) < 0.5 * len(measured)
+
+
+def test_concurrent_workflows_all_finish_while_requests_are_held_for_prefetches():
+    """Held requests go back to the waiting queue even when SGLang forms a batch in the same pass."""
+    workload = concurrent(workflows=12, fixed_len=128, agents=3, dynamic_len=16, output_len=8, rounds=2)
+    pool = workload.fixed_tokens() // 2 + 12 * 24
+    # A slow emulated link keeps prefetches in flight while other workflows' requests are dispatched.
+    args = [*COMMON[2:], "--max-total-tokens", str(pool), "--kvflow-emulate-link-gbps", "0.002"]
+    with ServerProcess(args) as server:
+        result = run_workload(server.url, workload, timeout=120, progress=False)
+        assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert result["summary"]["calls"] == 12 * 3 * 2
+    assert result["kvflow_stats"]["prefetch"]["held"] > 0
