@@ -32,6 +32,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import requests
+
 from benchmarks.run import run_workload
 from benchmarks.workloads import WORKLOADS, Workload
 from kvflow.server_process import ServerProcess
@@ -128,6 +130,15 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPUs, {gpu or 'no GPU'}, Python {platform.python_version()}"
 
 
+def device_pool_tokens(url: str) -> int | None:
+    """The server's device KV pool size as SGLang sized it (it may be below ``--max-total-tokens``)."""
+    try:
+        info = requests.get(f"{url}/server_info", timeout=30).json()
+    except (requests.RequestException, ValueError):
+        return None
+    return info.get("max_total_num_tokens")
+
+
 def compare(
     workload: Workload,
     configs: list[str],
@@ -140,9 +151,11 @@ def compare(
     hints: bool = True,
 ) -> dict:
     calls = workload.interleaved()
-    ideal_pool = workload.fixed_tokens() + 4 * max(len(c.input_ids) + c.output_len for c in calls)
+    in_flight = max(4, len(workload.workflows))  # requests that can run at once
+    ideal_pool = workload.fixed_tokens() + in_flight * max(len(c.input_ids) + c.output_len for c in calls)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     startup: dict[str, float] = {}
+    pool_actual: dict[str, int | None] = {}
 
     def launch(names: list[str]) -> dict[str, ServerProcess]:
         """Start the servers side by side, then wait for all of them."""
@@ -156,6 +169,10 @@ def compare(
             for name, server in servers.items():
                 server.wait_ready()
                 startup[name] = server.startup_seconds
+                pool_actual[name] = device_pool_tokens(server.url)
+                wanted = ideal_pool if name == "ideal" else pool
+                if pool_actual[name] is not None and pool_actual[name] < wanted:
+                    print(f"  warning: {name} got a pool of {pool_actual[name]} tokens, asked {wanted}")
         except BaseException:
             for server in servers.values():
                 server.stop()
@@ -169,7 +186,9 @@ def compare(
         runs[name].append(result)
         print(f"  {name}: {runs[name][-1]['summary']['workflow_latency_median_s']:.3f}s", flush=True)
         if partial_path is not None:  # what finished survives a timeout
-            partial_path.write_text(json.dumps({"startup_s": startup, "runs": runs}, indent=2))
+            partial_path.write_text(
+                json.dumps({"startup_s": startup, "pool_tokens_actual": pool_actual, "runs": runs}, indent=2)
+            )
 
     if one_at_a_time:
         for name in configs:
@@ -201,6 +220,7 @@ def compare(
         "extra_flags": extra,
         "hints": hints,
         "startup_s": startup,
+        "pool_tokens_actual": pool_actual,
         "medians": medians,
         "runs": {
             name: [{k: v for k, v in r.items() if k != "calls"} for r in rs] for name, rs in runs.items()
@@ -260,7 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     table = markdown_table(result["medians"])
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    header = f"## {stem}\n\n{result['machine']}, {result['date']}\n\n`{result['command']}`\n\n"
+    pools = ", ".join(f"{k} {v}" for k, v in result["pool_tokens_actual"].items())
+    header = (
+        f"## {stem}\n\n{result['machine']}, {result['date']}\n\n`{result['command']}`\n\n"
+        f"Device KV pool (tokens, as sized by each server): {pools}\n\n"
+    )
     (args.out_dir / f"{stem}.md").write_text(header + table + "\n")
     try:
         plot(result["medians"], args.out_dir / f"{stem}.png", stem)
