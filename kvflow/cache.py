@@ -137,11 +137,12 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self._rerank(changed or [])
         return changed is not None
 
-    @staticmethod
-    def _rerank(agents: list[AgentState]) -> None:
+    def _rerank(self, agents: list[AgentState]) -> None:
         for agent in agents:
             if agent.node is not None:
                 ownership.refresh_upward(agent.node)
+        if self.prefetcher is not None:
+            self.prefetcher.watch(agents)
 
     def agent_finished(self, agent: AgentState) -> None:
         """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""

@@ -16,6 +16,7 @@ is matched again and uses the loaded KV.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,23 @@ class Prefetcher:
     max_tokens: int = 65536
     records: dict[int, PrefetchRecord] = field(default_factory=dict)  # by agent id()
     counters: PrefetchCounters = field(default_factory=PrefetchCounters)
+    # Agents whose steps were last set within [1, steps_limit], by id(): the only ones worth a
+    # look each iteration (thousands of workflows would make a scan of every agent cost ms).
+    due: dict[int, AgentState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.watch(
+            agent for workflow in self.cache.workflows.workflows() for agent in workflow.agents.values()
+        )
+
+    def watch(self, agents: Iterable[AgentState]) -> None:
+        """Note agents whose steps just changed (the cache calls this for every change)."""
+        for agent in agents:
+            if self._is_due(agent):
+                self.due[id(agent)] = agent
+
+    def _is_due(self, agent: AgentState) -> bool:
+        return agent.steps is not None and 1 <= agent.steps <= self.steps_limit
 
     # ---- scheduler iteration ---------------------------------------------
 
@@ -95,13 +113,13 @@ class Prefetcher:
                 del self.records[key]
 
     def _candidates(self) -> list[AgentState]:
+        for key, agent in list(self.due.items()):
+            if not self._is_due(agent):  # moved on, or its workflow was forgotten (steps None)
+                del self.due[key]
         agents = [
             agent
-            for workflow in self.cache.workflows.workflows()
-            for agent in workflow.agents.values()
-            if agent.steps is not None
-            and 1 <= agent.steps <= self.steps_limit
-            and agent.node is not None
+            for agent in self.due.values()
+            if agent.node is not None
             and agent.node.evicted
             and agent.node.backuped
             and id(agent) not in self.records
@@ -110,6 +128,7 @@ class Prefetcher:
 
     def _issue(self) -> None:
         cache = self.cache
+        no_room: dict[int, int] = {}  # steps -> fewest tokens found not to fit, this pass
         for agent in self._candidates():
             if not cache.has_free_load_back_slot():
                 return
@@ -117,7 +136,9 @@ class Prefetcher:
             tokens = sum(len(node.key) for node in path)
             if self._pending_tokens() + tokens > self.max_tokens:
                 continue
-            if not self._make_room(tokens, agent.steps):
+            # Room only shrinks during a pass, so what did not fit once need not be walked for again.
+            if tokens >= no_room.get(agent.steps, tokens + 1) or not self._make_room(tokens, agent.steps):
+                no_room[agent.steps] = min(tokens, no_room.get(agent.steps, tokens))
                 self.counters.skipped_no_room += 1
                 continue
             if cache.load_back(agent.node.id):

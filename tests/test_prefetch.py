@@ -141,3 +141,16 @@ def test_a_held_request_is_counted_once_and_its_prefetch_is_late_even_if_done_wh
     assert not cache.kvflow_blocks(req)
     prefetcher.on_admit(agent, held=True)
     assert prefetcher.counters.late == 1 and prefetcher.counters.timely == 0 and not prefetcher.records
+
+
+def test_only_agents_due_next_are_looked_at_each_iteration():
+    driver = CacheDriver(size=200)
+    agents = fill(driver, {"a": 1, "b": 2, "c": 0})
+    prefetcher = driver.cache.prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    assert set(prefetcher.due) == {id(agents["a"])}  # seeded from the hints seen before
+    driver.cache.observe_hint(WorkflowHint("wf", "x", None, {"a": 3, "b": 1}), [])
+    prefetcher._candidates()
+    assert set(prefetcher.due) == {id(agents["b"])}
+    driver.cache.end_workflow("wf")
+    prefetcher._candidates()
+    assert not prefetcher.due
