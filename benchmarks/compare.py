@@ -55,8 +55,7 @@ CONFIGS: dict[str, list[str]] = {
 BASELINES = ("lru", "lru-hicache")
 
 
-def config_args(name: str, pool: int, ideal_pool: int, extra: list[str]) -> list[str]:
-    size = ideal_pool if name == "ideal" else pool
+def config_args(name: str, size: int, extra: list[str]) -> list[str]:
     return [*CONFIGS[name], "--max-total-tokens", str(size), "--random-seed", "0", *extra]
 
 
@@ -157,10 +156,13 @@ def compare(
     startup: dict[str, float] = {}
     pool_actual: dict[str, int | None] = {}
 
+    def pool_for(name: str) -> int:
+        return ideal_pool if name == "ideal" else pool
+
     def launch(names: list[str]) -> dict[str, ServerProcess]:
         """Start the servers side by side, then wait for all of them."""
         servers = {
-            name: ServerProcess(config_args(name, pool, ideal_pool, extra), log_path=log_dir / f"{name}.log")
+            name: ServerProcess(config_args(name, pool_for(name), extra), log_path=log_dir / f"{name}.log")
             for name in names
         }
         try:
@@ -170,9 +172,10 @@ def compare(
                 server.wait_ready()
                 startup[name] = server.startup_seconds
                 pool_actual[name] = device_pool_tokens(server.url)
-                wanted = ideal_pool if name == "ideal" else pool
-                if pool_actual[name] is not None and pool_actual[name] < wanted:
-                    print(f"  warning: {name} got a pool of {pool_actual[name]} tokens, asked {wanted}")
+                if pool_actual[name] is not None and pool_actual[name] < pool_for(name):
+                    print(
+                        f"  warning: {name} got a pool of {pool_actual[name]} tokens, asked {pool_for(name)}"
+                    )
         except BaseException:
             for server in servers.values():
                 server.stop()

@@ -16,6 +16,7 @@ is matched again and uses the loaded KV.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +129,7 @@ class Prefetcher:
 
     def _issue(self) -> None:
         cache = self.cache
-        no_room: dict[int, int] = {}  # steps -> fewest tokens found not to fit, this pass
+        no_room: dict[int, float] = {}  # steps -> fewest tokens found not to fit, this pass
         for agent in self._candidates():
             if not cache.has_free_load_back_slot():
                 return
@@ -137,8 +138,9 @@ class Prefetcher:
             if self._pending_tokens() + tokens > self.max_tokens:
                 continue
             # Room only shrinks during a pass, so what did not fit once need not be walked for again.
-            if tokens >= no_room.get(agent.steps, tokens + 1) or not self._make_room(tokens, agent.steps):
-                no_room[agent.steps] = min(tokens, no_room.get(agent.steps, tokens))
+            too_big = no_room.get(agent.steps, math.inf)
+            if tokens >= too_big or not self._make_room(tokens, agent.steps):
+                no_room[agent.steps] = min(tokens, too_big)
                 self.counters.skipped_no_room += 1
                 continue
             if cache.load_back(agent.node.id):
