@@ -12,6 +12,8 @@ against each baseline, and PNG plots. Configurations:
   from its agent's next use (the cheap alternative);
 - ``kvflow``: kvflow's workflow-aware eviction, device pool only;
 - ``kvflow-hicache``: kvflow's eviction on both tiers;
+- ``kvflow-mru``, ``kvflow-hicache-mru``: the same with the ``mru`` tie-break among equal steps
+  (``--radix-eviction-policy-config '{"tie_break": "mru"}'``, see ``kvflow.eviction``);
 - ``ideal``: stock LRU with a pool large enough to keep every prompt.
 
 With ``--one-at-a-time`` servers run one after another instead of side by side
@@ -38,6 +40,8 @@ from benchmarks.run import run_workload
 from benchmarks.workloads import WORKLOADS, Workload
 from kvflow.server_process import ServerProcess
 
+HICACHE_FLAG = "--enable-hierarchical-cache"
+MRU_TIES = ["--radix-eviction-policy-config", json.dumps({"tie_break": "mru"})]
 CONFIGS: dict[str, list[str]] = {
     "lru": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "lru"],
     "lru-hicache": [
@@ -45,18 +49,24 @@ CONFIGS: dict[str, list[str]] = {
         "stock",
         "--radix-eviction-policy",
         "lru",
-        "--enable-hierarchical-cache",
+        HICACHE_FLAG,
     ],
     "priority": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "priority"],
     "kvflow": [],
-    "kvflow-hicache": ["--enable-hierarchical-cache"],
+    "kvflow-hicache": [HICACHE_FLAG],
+    "kvflow-mru": MRU_TIES,
+    "kvflow-hicache-mru": [HICACHE_FLAG, *MRU_TIES],
     "ideal": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "lru"],
 }
 BASELINES = ("lru", "lru-hicache")
 
 
-def config_args(name: str, size: int, extra: list[str]) -> list[str]:
-    return [*CONFIGS[name], "--max-total-tokens", str(size), "--random-seed", "0", *extra]
+def config_args(name: str, size: int, extra: list[str], link_gbps: float = 0.0) -> list[str]:
+    """Server flags of configuration ``name``; an emulated link goes only where there is a host tier."""
+    args = [*CONFIGS[name], "--max-total-tokens", str(size), "--random-seed", "0", *extra]
+    if link_gbps > 0 and HICACHE_FLAG in CONFIGS[name]:
+        args += ["--kvflow-emulate-link-gbps", str(link_gbps)]
+    return args
 
 
 def median_summary(runs: list[dict]) -> dict:
@@ -148,6 +158,7 @@ def compare(
     log_dir: Path,
     partial_path: Path | None = None,
     hints: bool = True,
+    link_gbps: float = 0.0,
 ) -> dict:
     calls = workload.interleaved()
     in_flight = max(4, len(workload.workflows))  # requests that can run at once
@@ -162,7 +173,9 @@ def compare(
     def launch(names: list[str]) -> dict[str, ServerProcess]:
         """Start the servers side by side, then wait for all of them."""
         servers = {
-            name: ServerProcess(config_args(name, pool_for(name), extra), log_path=log_dir / f"{name}.log")
+            name: ServerProcess(
+                config_args(name, pool_for(name), extra, link_gbps), log_path=log_dir / f"{name}.log"
+            )
             for name in names
         }
         try:
@@ -221,6 +234,7 @@ def compare(
         "repeats": repeats,
         "one_at_a_time": one_at_a_time,
         "extra_flags": extra,
+        "emulated_link_gbps": link_gbps,
         "hints": hints,
         "startup_s": startup,
         "pool_tokens_actual": pool_actual,
@@ -246,6 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one-at-a-time", action="store_true")
     parser.add_argument("--no-hints", action="store_true", help="send no kvflow hints (overhead check)")
+    parser.add_argument(
+        "--emulate-link-gbps",
+        type=float,
+        default=0.0,
+        metavar="GB_PER_S",
+        help="CPU only: pass --kvflow-emulate-link-gbps to the configurations with a host tier",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", help="result file stem (default: workload name)")
     parser.add_argument("server_flags", nargs="*", help="after --: flags for every server (model, backends)")
@@ -274,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         args.one_at_a_time,
         log_dir,
         log_dir / "partial.json",
+        hints=not args.no_hints,
+        link_gbps=args.emulate_link_gbps,
     )
     result.update(
         machine=machine(),

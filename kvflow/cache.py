@@ -211,6 +211,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             }
         return {
             "eviction_policy": self.eviction_policy,
+            "tie_break": getattr(self.tree_core.eviction_strategy, "tie_break", None),
             "pool_tokens": self.token_to_kv_pool_allocator.size,
             "totals": {**asdict(self.kvflow_totals), "hinted_requests": self.kvflow_hinted_requests},
             "evictions": self.tree_core.kvflow_evictions,

@@ -12,6 +12,7 @@ dummy weights. Without CUDA it configures SGLang's CPU engine (and, with
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -103,6 +104,26 @@ def link_emulation_error(gbps: float, cuda: bool, argv: list[str]) -> str | None
     return None
 
 
+def eviction_config_error(argv: list[str]) -> str | None:
+    """Why ``--radix-eviction-policy-config`` does not fit the kvflow policy in ``argv``, or None.
+
+    SGLang would only find out in the scheduler process, after loading the model.
+    """
+    raw = flag_value(argv, "--radix-eviction-policy-config")
+    if raw is None or flag_value(argv, "--radix-eviction-policy") != POLICY_NAME:
+        return None
+    from kvflow.eviction import WorkflowAwareStrategy
+
+    try:
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise TypeError(f"expected a JSON object, got {raw!r}")
+        WorkflowAwareStrategy(**config)
+    except (TypeError, ValueError) as error:
+        return f"--radix-eviction-policy-config for the {POLICY_NAME} policy: {error}"
+    return None
+
+
 def use_cpu_engine() -> None:
     """Point this process and its children at SGLang's CPU engine and our sgl_kernel stand-in."""
     from kvflow.cpu_kernels import STANDIN_PATH
@@ -142,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda:
         use_cpu_engine()
     sglang_argv = with_defaults(sglang_argv, cuda)
+    error = eviction_config_error(sglang_argv)
+    if error is not None:
+        parser.error(error)
 
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="sglang.srt.plugins")):
         sys.exit("kvflow is not installed as an SGLang plugin: run `pip install -e .` in the kvflow checkout")

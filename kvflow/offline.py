@@ -42,6 +42,7 @@ class CacheDriver:
     size: int
     cache_class: type = WorkflowRadixCache
     policy: str = "kvflow"
+    policy_config: dict | None = None
     allocator: RecordingAllocator = field(init=False)
     cache: UnifiedRadixCache = field(init=False)
 
@@ -55,6 +56,7 @@ class CacheDriver:
             token_to_kv_pool_allocator=self.allocator,
             page_size=1,
             eviction_policy=self.policy,
+            eviction_policy_config=self.policy_config,
             tree_components=(ComponentType.FULL,),
             tree_core_backend="python",
         )

@@ -118,6 +118,24 @@ def test_owned_nodes_go_farthest_steps_first_and_follow_step_updates():
     assert driver.cache.tree_core.kvflow_evictions["device"]["owned"]["nodes"] == 2
 
 
+@pytest.mark.parametrize("tie_break, evicted", [("lru", "w1"), ("mru", "w2")])
+def test_equal_steps_across_workflows_are_broken_by_the_configured_tie_break(tie_break, evicted):
+    driver = CacheDriver(size=60, policy_config={"tie_break": tie_break})
+    prompts = {"w1": agent_prompt(0), "w2": agent_prompt(1)}
+    for workflow, prompt in prompts.items():  # w1 first (least recently used), then w2
+        driver.serve(prompt, hint("agent", 20, {"agent": 0, "next": 1}, workflow=workflow))
+    steps = [wf.agents["agent"].steps for wf in driver.cache.workflows.workflows()]
+    assert steps[0] == steps[1]
+    driver.cache.evict(EvictParams(num_tokens=20))
+    kept = "w2" if evicted == "w1" else "w1"
+    assert driver.cached_len(prompts[evicted]) == 0 and driver.cached_len(prompts[kept]) == 20
+
+
+def test_an_unknown_tie_break_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="'tie_break'.*lru, mru"):
+        CacheDriver(size=60, policy_config={"tie_break": "lfu"})
+
+
 def test_nothing_is_pinned_owned_prompts_are_evicted_under_pressure():
     driver = CacheDriver(size=60)
     for i, agent in enumerate("abc"):

@@ -7,6 +7,7 @@ from kvflow import launch_server
 from kvflow.config import CONFIG_ENV, KVFlowConfig
 from kvflow.launch_server import (
     EMBEDDED_MODEL_PATH,
+    eviction_config_error,
     flag_value,
     kvflow_arg_parser,
     link_emulation_error,
@@ -83,3 +84,21 @@ def test_launcher_refuses_link_emulation_on_a_cuda_machine_before_starting(monke
     with pytest.raises(SystemExit) as exit_info:
         launch_server.main(["--kvflow-emulate-link-gbps", "1", "--enable-hierarchical-cache"])
     assert exit_info.value.code == 2 and "real host link" in capsys.readouterr().err
+
+
+def test_the_kvflow_policy_takes_only_a_known_tie_break_through_sglangs_policy_config():
+    kvflow = with_defaults([], cuda=True)
+    assert eviction_config_error(kvflow) is None
+    assert eviction_config_error([*kvflow, "--radix-eviction-policy-config", '{"tie_break": "mru"}']) is None
+    bad_value = eviction_config_error([*kvflow, "--radix-eviction-policy-config", '{"tie_break": "fifo"}'])
+    assert "'tie_break'" in bad_value and "lru, mru" in bad_value
+    assert "'threshold'" in eviction_config_error(
+        [*kvflow, "--radix-eviction-policy-config", '{"threshold": 4}']
+    )
+    assert "JSON object" in eviction_config_error([*kvflow, "--radix-eviction-policy-config", "[1]"])
+    assert eviction_config_error([*kvflow, "--radix-eviction-policy-config", "{"]) is not None
+    # another policy's config is SGLang's to check
+    assert (
+        eviction_config_error(["--radix-eviction-policy", "slru", "--radix-eviction-policy-config", "{}"])
+        is None
+    )

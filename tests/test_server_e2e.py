@@ -63,6 +63,7 @@ def test_cyclic_workflow_kvflow_near_optimum_lru_near_zero_same_outputs(kvflow_s
     evictions = kvflow_stats["evictions"]["device"]
     assert evictions["unowned"]["nodes"] > 0 and evictions["owned"]["nodes"] > 0
     assert lru_stats["eviction_policy"] == "lru" and kvflow_stats["eviction_policy"] == "kvflow"
+    assert kvflow_stats["tie_break"] == "lru"
     assert lru_stats["totals"]["fixed_tokens_recomputed"] > kvflow_stats["totals"]["fixed_tokens_recomputed"]
 
 
