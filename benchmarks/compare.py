@@ -69,6 +69,21 @@ def config_args(name: str, size: int, extra: list[str], link_gbps: float = 0.0) 
     return args
 
 
+def ideal_pool_tokens(workload: Workload) -> int:
+    """A device pool in which stock LRU never evicts a fixed prompt after warm-up.
+
+    Besides every fixed prompt and the requests in flight, LRU needs room for
+    the varying parts (dynamic suffix + output) written during one round of
+    every agent: between two uses of a prompt they are all newer than it.
+    """
+    calls = workload.interleaved()
+    in_flight = max(4, len(workload.workflows))
+    largest_call = max(len(c.input_ids) + c.output_len for c in calls)
+    largest_varying = max(len(c.input_ids) - c.fixed_len + c.output_len for c in calls)
+    agents = {(c.workflow_id, c.agent_id) for c in calls}
+    return workload.fixed_tokens() + in_flight * largest_call + len(agents) * largest_varying
+
+
 def median_summary(runs: list[dict]) -> dict:
     keys = runs[0]["summary"].keys()
     return {k: statistics.median(r["summary"][k] for r in runs) for k in keys}
@@ -160,9 +175,7 @@ def compare(
     hints: bool = True,
     link_gbps: float = 0.0,
 ) -> dict:
-    calls = workload.interleaved()
-    in_flight = max(4, len(workload.workflows))  # requests that can run at once
-    ideal_pool = workload.fixed_tokens() + in_flight * max(len(c.input_ids) + c.output_len for c in calls)
+    ideal_pool = ideal_pool_tokens(workload)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     startup: dict[str, float] = {}
     pool_actual: dict[str, int | None] = {}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import compare, replay
+from benchmarks import compare, replay, workloads
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,18 @@ def test_command_line_switches_reach_the_comparison(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         compare.main(argv)
     assert seen["hints"] is False and seen["link_gbps"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [
+        workloads.concurrent(workflows=8, fixed_len=64, dynamic_len=32, output_len=32, rounds=2),
+        workloads.sequential(fixed_len=128, rounds=2),
+        workloads.realistic(),
+    ],
+    ids=lambda w: w.name,
+)
+def test_the_ideal_pool_keeps_every_fixed_prompt_under_stock_lru(workload):
+    everything = sum(len(c.input_ids) + c.output_len for c in workload.interleaved())
+    cold_misses = replay.replay_cache(workload, everything, "lru")  # first uses without a warm-up
+    assert replay.replay_cache(workload, compare.ideal_pool_tokens(workload), "lru") == cold_misses
