@@ -79,9 +79,8 @@ def ideal_pool_tokens(workload: Workload) -> int:
     calls = workload.interleaved()
     in_flight = max(4, len(workload.workflows))
     largest_call = max(len(c.input_ids) + c.output_len for c in calls)
-    largest_varying = max(len(c.input_ids) - c.fixed_len + c.output_len for c in calls)
     agents = {(c.workflow_id, c.agent_id) for c in calls}
-    return workload.fixed_tokens() + in_flight * largest_call + len(agents) * largest_varying
+    return workload.fixed_tokens() + in_flight * largest_call + len(agents) * workload.largest_varying()
 
 
 def median_summary(runs: list[dict]) -> dict:
@@ -286,10 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     workload = WORKLOADS[args.workload](**args.params)
-    calls = workload.interleaved()
-    largest_varying = max(len(c.input_ids) - c.fixed_len + c.output_len for c in calls)
     concurrency = len(workload.workflows)
-    pool = int(workload.fixed_tokens() * args.pool_fraction) + concurrency * largest_varying
+    pool = int(workload.fixed_tokens() * args.pool_fraction) + concurrency * workload.largest_varying()
     configs = [c for c in args.configs.split(",") if c]
     stem = args.name or workload.name
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def belady_misses(workload: Workload, capacity: int) -> int:
             if segment not in resident:
                 misses += 0 if call.warmup else length
                 resident.add(segment)
-        room = capacity - (len(call.input_ids) - call.fixed_len + call.output_len)
+        room = capacity - call.varying_len
         on_path = {segment for segment, _ in paths[i]}
         while sum(sizes[s] for s in resident) > room:
             parents = {r[: len(r) - sizes[r]] for r in resident}
@@ -168,10 +168,8 @@ def default_cases(scale: float = 1.0) -> list[tuple[Workload, int]]:
     ]
     out = []
     for workload in cases:
-        calls = workload.interleaved()
-        largest_varying = max(len(c.input_ids) - c.fixed_len + c.output_len for c in calls)
-        largest_fixed = max(c.fixed_len for c in calls)
-        out.append((workload, (workload.fixed_tokens() + largest_fixed) // 2 + largest_varying))
+        largest_fixed = max(c.fixed_len for c in workload.interleaved())
+        out.append((workload, (workload.fixed_tokens() + largest_fixed) // 2 + workload.largest_varying()))
     return out
 
 

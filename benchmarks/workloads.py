@@ -28,6 +28,11 @@ class Call:
     output_len: int
     warmup: bool = False
 
+    @property
+    def varying_len(self) -> int:
+        """Tokens this call writes beyond its fixed prompt: dynamic suffix plus output."""
+        return len(self.input_ids) - self.fixed_len + self.output_len
+
     def hint(self) -> dict:
         return {
             "workflow_id": self.workflow_id,
@@ -52,6 +57,10 @@ class Workload:
                     out.append(workflow[cursors[i]])
                     cursors[i] += 1
         return out
+
+    def largest_varying(self) -> int:
+        """The most tokens any call writes beyond its fixed prompt."""
+        return max(c.varying_len for w in self.workflows for c in w)
 
     def fixed_tokens(self) -> int:
         """Distinct fixed-prompt tokens, shared prefixes counted once (a pool this big misses nothing)."""
