@@ -11,11 +11,13 @@ both tiers. All methods run on the scheduler thread, like SGLang's own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
+from itertools import islice
 from typing import Any
 
-from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -26,6 +28,7 @@ from kvflow import ownership
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint, decode_transport
 from kvflow.prefetch import Prefetcher
+from kvflow.stats_query import StatsQuery
 from kvflow.tree_core import TREE_CORE_NAME
 from kvflow.workflows import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 
@@ -40,9 +43,12 @@ class WorkflowRadixCache(UnifiedRadixCache):
         params.tree_core_backend = TREE_CORE_NAME
         super().__init__(params)
         self.eviction_policy = params.eviction_policy
-        self.workflows = WorkflowTable(config.hint_ttl, config.max_workflows)
+        self.workflows = WorkflowTable(
+            config.hint_ttl, config.max_workflows, max_agents=config.max_tracked_agents
+        )
         self.kvflow_totals = InvocationCounters()
         self.kvflow_hinted_requests = 0
+        self.kvflow_aborted_requests = 0
         self.kvflow_config = config
         self.prefetcher: Prefetcher | None = None
 
@@ -82,13 +88,18 @@ class WorkflowRadixCache(UnifiedRadixCache):
     def checkpoint_into_tree(self, req: Req, *, up_to: int, **kwargs) -> None:
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
         agent = getattr(req, "kvflow_agent", None)
-        if agent is not None and agent.steps is not None:
+        # Only a request whose fixed prompt is still the agent's may move the agent's boundary.
+        if agent is not None and agent.steps is not None and req.kvflow_fixed_len == agent.fixed_prefix_len:
             self.claim(agent, req.origin_input_ids, req.extra_key, req.cache_salt)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         agent = getattr(req, "kvflow_agent", None)
         if agent is None or not req.finished():
+            return
+        if isinstance(req.finished_reason, FINISH_ABORT):
+            # Aborted (a client that disconnected): not an invocation, and the agent did not finish.
+            self.kvflow_aborted_requests += 1
             return
         device = getattr(req, "cached_tokens_device", None)
         host = getattr(req, "cached_tokens_host", None) or 0
@@ -111,7 +122,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
         if agent is not None:
             req.kvflow_agent = agent
-            req.kvflow_fixed_len = agent.fixed_prefix_len or 0
+            req.kvflow_fixed_len = min(agent.fixed_prefix_len or 0, len(req.origin_input_ids))
             if self.prefetcher is not None:
                 self.prefetcher.on_admit(agent, held=getattr(req, "kvflow_held", False))
 
@@ -123,31 +134,54 @@ class WorkflowRadixCache(UnifiedRadixCache):
         cache_salt: str | None = None,
     ) -> AgentState | None:
         """Apply one request's hint: merge steps, re-rank, and claim the agent's boundary."""
-        self._expire_workflows()
+        self._expire_workflows(room_for=len(hint.steps_to_execution) + 1)
         self.kvflow_hinted_requests += 1
         agent, changed = self.workflows.observe(hint, token_ids)
-        self._rerank(changed)
         if agent is not None:
-            self.claim(agent, token_ids, extra_key, cache_salt)
+            self.claim(agent, token_ids, extra_key, cache_salt, rebudget=False)
+        self._rerank(changed, self.workflows.get(hint.workflow_id))
         return agent
 
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> bool:
         """Apply a steps view pushed by the server's workflow registry; False for an unknown workflow."""
         changed = self.workflows.set_steps(workflow_id, steps)
-        self._rerank(changed or [])
+        self._rerank(changed or [], self.workflows.get(workflow_id))
         return changed is not None
 
-    def _rerank(self, agents: list[AgentState]) -> None:
+    def _rerank(self, agents: list[AgentState], workflow: WorkflowState | None) -> None:
+        """Re-rank the nodes of agents whose steps changed, and re-apply their workflow's budget."""
+        if workflow is not None:
+            agents = [*agents, *self._apply_budget(workflow)]
         for agent in agents:
             if agent.node is not None:
                 ownership.refresh_upward(agent.node)
         if self.prefetcher is not None:
             self.prefetcher.watch(agents)
 
+    def _apply_budget(self, workflow: WorkflowState) -> list[AgentState]:
+        """Mark the agents past the workflow's share of the pool, nearest first; return those changed.
+
+        A node shared by several of the workflow's prompts counts once.
+        """
+        budget = self.kvflow_config.max_protected_fraction * self.token_to_kv_pool_allocator.size
+        counted: set[int] = set()
+        used, changed = 0, []
+        for agent in sorted(workflow.agents.values(), key=_nearest_first):
+            node = agent.node
+            while node is not None and node.parent is not None and id(node) not in counted:
+                counted.add(id(node))
+                used += len(node.key)
+                node = node.parent
+            over = agent.node is not None and agent.steps is not None and used > budget
+            if over != agent.over_budget:
+                agent.over_budget = over
+                changed.append(agent)
+        return changed
+
     def agent_finished(self, agent: AgentState) -> None:
         """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""
         if self.workflows.finish(agent):
-            self._rerank([agent])
+            self._rerank([agent], self.workflows.get(agent.workflow_id))
 
     def claim(
         self,
@@ -155,18 +189,25 @@ class WorkflowRadixCache(UnifiedRadixCache):
         token_ids: Sequence[int],
         extra_key: str | None = None,
         cache_salt: str | None = None,
+        rebudget: bool = True,
     ) -> None:
-        """Give ``agent`` the node where its fixed prompt ends, if that prefix is in the tree."""
-        length = (agent.fixed_prefix_len or 0) // self.page_size * self.page_size
+        """Give ``agent`` the node where its fixed prompt ends, if ``token_ids`` holds that prompt
+        and it is in the tree (page-aligned: the boundary is the last whole page of it)."""
+        fixed = agent.fixed_prefix_len or 0
+        length = fixed // self.page_size * self.page_size
         if length == 0:
             ownership.release(agent)
             return
+        if len(token_ids) < fixed:
+            return  # a shorter prompt than the agent's fixed one: it does not say where that ends
         # Slicing keeps the container type, which must match the keys already in the tree.
         key = RadixKey(token_ids=token_ids[:length], extra_key=extra_key, cache_salt=cache_salt)
         node, actions = self.tree_core.find_boundary_node(key)
         self._apply_cache_actions(actions)
-        if node is not None:
+        if node is not None and node is not agent.node:
             ownership.assign(agent, node)
+            if rebudget:
+                self._rerank([], self.workflows.get(agent.workflow_id))
 
     def end_workflow(self, workflow_id: str) -> bool:
         """Forget a workflow at once: its nodes become plain LRU. False if it was unknown."""
@@ -175,14 +216,15 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self._forget(workflow)
         return workflow is not None
 
-    def _expire_workflows(self) -> None:
-        for workflow in self.workflows.expire():
+    def _expire_workflows(self, room_for: int = 0) -> None:
+        for workflow in self.workflows.expire(room_for):
             self._forget(workflow)
 
     @staticmethod
     def _forget(workflow: WorkflowState) -> None:
         for agent in workflow.agents.values():
             agent.steps = None  # in-flight requests of this agent must not re-claim
+            agent.over_budget = False
             ownership.release(agent)
 
     # ---- observability -----------------------------------------------------
@@ -196,29 +238,65 @@ class WorkflowRadixCache(UnifiedRadixCache):
             node = node.parent
         return tokens
 
-    def kvflow_stats(self) -> dict[str, Any]:
-        """Per-workflow and per-agent counters for ``GET /kvflow/stats``."""
-        workflows = {}
-        for workflow in self.workflows.workflows():
-            workflows[workflow.workflow_id] = {
-                agent.agent_id: {
-                    "steps_to_execution": agent.steps,
-                    "fixed_prefix_len": agent.fixed_prefix_len,
-                    "owned_tokens_resident": self._resident_tokens(agent.node),
-                    **asdict(agent.counters),
-                }
-                for agent in workflow.agents.values()
-            }
-        return {
+    def kvflow_stats(self, query: StatsQuery | None = None) -> dict[str, Any]:
+        """``GET /kvflow/stats``: a summary whose size and cost do not grow with the tracked state,
+        plus one page of detail when ``query`` asks for it."""
+        config = self.kvflow_config
+        stats: dict[str, Any] = {
             "eviction_policy": self.eviction_policy,
             "tie_break": getattr(self.tree_core.eviction_strategy, "tie_break", None),
             "pool_tokens": self.token_to_kv_pool_allocator.size,
-            "totals": {**asdict(self.kvflow_totals), "hinted_requests": self.kvflow_hinted_requests},
+            "totals": {
+                **asdict(self.kvflow_totals),
+                "hinted_requests": self.kvflow_hinted_requests,
+                "aborted_requests": self.kvflow_aborted_requests,
+            },
             "evictions": self.tree_core.kvflow_evictions,
             "prefetch": asdict(self.prefetcher.counters) if self.prefetcher is not None else None,
-            "link_emulation_gbps": self.kvflow_config.emulate_link_gbps,
-            "workflows": workflows,
+            "link_emulation_gbps": config.emulate_link_gbps,
+            "tracked": {"workflows": len(self.workflows), "agents": self.workflows.agent_count},
+            "limits": {
+                "max_workflows": config.max_workflows,
+                "max_tracked_agents": config.max_tracked_agents,
+                "max_protected_fraction": config.max_protected_fraction,
+                "hint_ttl": config.hint_ttl,
+            },
         }
+        if query is not None and query.workflow_id is not None:
+            stats["workflow"] = self._workflow_detail(query)
+        elif query is not None:
+            page = self.workflows.page(query.offset, query.limit)
+            stats["workflows"] = {
+                "offset": query.offset,
+                "total": len(self.workflows),
+                "items": [{"workflow_id": w.workflow_id, "agents": len(w.agents)} for w in page],
+            }
+        return stats
+
+    def _workflow_detail(self, query: StatsQuery) -> dict[str, Any] | None:
+        workflow = self.workflows.get(query.workflow_id)
+        if workflow is None:
+            return None
+        agents = list(islice(workflow.agents.values(), query.offset, query.offset + query.limit))
+        return {
+            "workflow_id": workflow.workflow_id,
+            "offset": query.offset,
+            "total": len(workflow.agents),
+            "agents": {
+                agent.agent_id: {
+                    "steps_to_execution": agent.steps,
+                    "fixed_prefix_len": agent.fixed_prefix_len,
+                    "over_budget": agent.over_budget,
+                    "owned_tokens_resident": self._resident_tokens(agent.node),
+                    **asdict(agent.counters),
+                }
+                for agent in agents
+            },
+        }
+
+
+def _nearest_first(agent: AgentState) -> float:
+    return math.inf if agent.steps is None else agent.steps
 
 
 def workflow_cache_factory(ctx: TreeCacheBuildContext) -> UnifiedRadixCache:

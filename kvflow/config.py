@@ -22,6 +22,8 @@ class KVFlowConfig:
     hint_ttl: float = 300.0
     max_workflows: int = 4096
     max_agents: int = 64
+    max_tracked_agents: int = 32768
+    max_protected_fraction: float = 0.5
     learn_graph: bool = False
     learn_min_observations: int = 2
     prefetch: bool = True
@@ -65,6 +67,22 @@ class KVFlowConfig:
             help="Agents per registered or learned workflow (at most 1024); larger graphs are refused.",
         )
         group.add_argument(
+            "--kvflow-max-tracked-agents",
+            type=int,
+            default=KVFlowConfig.max_tracked_agents,
+            help="Agents the cache tracks over all workflows; past it the least recently hinted "
+            "workflows are forgotten first (each agent keeps at most 16384 prompt tokens, 8 bytes each).",
+        )
+        group.add_argument(
+            "--kvflow-max-protected-fraction",
+            type=float,
+            default=KVFlowConfig.max_protected_fraction,
+            metavar="FRACTION",
+            help="Share of the device pool (0 to 1] one workflow's prompts are protected in: past it, its "
+            "farthest prompts are evicted before any workflow's prompts within their share (un-owned KV "
+            "still goes first).",
+        )
+        group.add_argument(
             "--kvflow-learn-graph",
             action="store_true",
             help="Learn the step structure of unregistered workflows from the order their agents run in.",
@@ -106,6 +124,14 @@ class KVFlowConfig:
             "reads it) only after its bytes crossed the emulated link, queued behind earlier transfers. "
             "0 (default) = off; anything measured with it on is emulation.",
         )
+
+    def error(self) -> str | None:
+        """Why these options cannot be served, or None."""
+        if not 0 < self.max_protected_fraction <= 1:
+            return f"--kvflow-max-protected-fraction must be in (0, 1], got {self.max_protected_fraction}"
+        if self.max_tracked_agents < 1:
+            return f"--kvflow-max-tracked-agents must be >= 1, got {self.max_tracked_agents}"
+        return None
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> KVFlowConfig:

@@ -13,16 +13,26 @@ endpoints), as ``custom_params.kvflow`` (OpenAI endpoints), or as an action of
 it to the scheduler as a canonical JSON string under
 ``sampling_params.custom_params["kvflow"]`` (:data:`TRANSPORT_KEY`), the one
 request field SGLang carries unchanged from every endpoint to ``Req``.
+
+A client could write that transport form itself, on an endpoint kvflow does not
+read hints on, or with its key JSON-escaped. So the HTTP layer also writes
+:data:`SEAL_KEY` beside it, holding a secret of this process
+(:func:`transport`); :func:`check_transport` refuses any transport without it
+before SGLang tokenizes the request. The scheduler's :func:`decode_transport`
+never raises: whatever it cannot read is an un-hinted request.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 TRANSPORT_KEY = "kvflow"
+SEAL_KEY = "kvflow_seal"
+_SEAL = secrets.token_hex(16)  # per process: the HTTP process writes and checks it
 KV_HINTS_ACTION_TYPE = "kvflow"
 MAX_ID_LEN = 256
 MAX_STEPS_ENTRIES = 1024
@@ -57,11 +67,24 @@ class WorkflowHint:
         return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
-def _check_id(value: Any, name: str) -> str:
+def id_error(value: Any) -> str | None:
+    """Why ``value`` is not a valid workflow or agent id, or None."""
     if not isinstance(value, str):
-        raise HintError(name, f"must be a string, got {type(value).__name__}")
+        return f"must be a string, got {type(value).__name__}"
     if not value or len(value) > MAX_ID_LEN:
-        raise HintError(name, f"must be 1 to {MAX_ID_LEN} characters long")
+        return f"must be 1 to {MAX_ID_LEN} characters long"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON "\ud800") cannot be written back in any JSON answer.
+        return "must be valid Unicode (no lone surrogates)"
+    return None
+
+
+def _check_id(value: Any, name: str) -> str:
+    error = id_error(value)
+    if error is not None:
+        raise HintError(name, error)
     return value
 
 
@@ -125,11 +148,33 @@ def check_fixed_prefix_len(
         )
 
 
+def transport(hint: WorkflowHint) -> dict[str, str]:
+    """The ``custom_params`` entries that carry ``hint`` to the scheduler (HTTP process)."""
+    return {TRANSPORT_KEY: hint.to_json(), SEAL_KEY: _SEAL}
+
+
+def check_transport(custom_params: Any, prefix: str = "custom_params.kvflow") -> WorkflowHint | None:
+    """The hint of a request about to be tokenized; :class:`HintError` unless kvflow's HTTP layer wrote it."""
+    if not isinstance(custom_params, Mapping) or TRANSPORT_KEY not in custom_params:
+        return None
+    encoded = custom_params[TRANSPORT_KEY]
+    if custom_params.get(SEAL_KEY) != _SEAL or not isinstance(encoded, str):
+        raise HintError(
+            prefix,
+            "hints are read only as documented (a top-level kvflow object, custom_params.kvflow or a "
+            "kv_hints action) on /generate, /v1/chat/completions and /v1/completions",
+        )
+    return parse_hint(json.loads(encoded), prefix=prefix)
+
+
 def decode_transport(custom_params: Any) -> WorkflowHint | None:
-    """The hint a request carries to the scheduler, or None for an un-hinted request."""
+    """The hint a request carries to the scheduler, or None for an un-hinted or unreadable one."""
     if not isinstance(custom_params, Mapping):
         return None
     encoded = custom_params.get(TRANSPORT_KEY)
-    if encoded is None:
+    if not isinstance(encoded, str):
         return None
-    return parse_hint(json.loads(encoded))
+    try:
+        return parse_hint(json.loads(encoded))
+    except (ValueError, RecursionError):  # HintError and JSONDecodeError are ValueErrors
+        return None

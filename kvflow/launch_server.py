@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    error = link_emulation_error(config.emulate_link_gbps, cuda, sglang_argv)
+    error = config.error() or link_emulation_error(config.emulate_link_gbps, cuda, sglang_argv)
     if error is not None:
         parser.error(error)
     config.to_env()

@@ -1,7 +1,7 @@
 """Agent ownership of radix-tree nodes and the priority it gives them.
 
 An agent owns the node where its fixed prompt ends. Each node caches
-``kvflow_min``: the minimum steps-to-execution over the owners in its subtree
+``kvflow_min``: the minimum rank (steps-to-execution, see ``AgentState.rank``) over the owners in its subtree
 (None when no owner with a known value lives below it). The value changes only
 along the path from a node whose owners or owners' steps changed up to the
 root, so :func:`refresh_upward` recomputes just that path and stops as soon as
@@ -33,7 +33,7 @@ def _merge(a: int | None, b: int | None) -> int | None:
 def _subtree_min(node: Any) -> int | None:
     value = None
     for owner in node.kvflow_owners:
-        value = _merge(value, owner.steps)
+        value = _merge(value, owner.rank)
     for child in node.children.values():
         value = _merge(value, child.kvflow_min)
     return value

@@ -33,12 +33,12 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvflow.graph import MAX_AGENTS, AgentStepGraph, GraphError
 from kvflow.graph_learning import FAR, GraphLearner
-from kvflow.hints import MAX_ID_LEN, HintError, WorkflowHint
+from kvflow.hints import MAX_STEPS_ENTRIES, HintError, WorkflowHint, id_error
 
 _MEMO_SIZE = 32  # frontiers whose steps are kept per workflow (a cycle revisits the same few)
 
@@ -89,6 +89,15 @@ def _agent_list(value: Any, name: str, known: frozenset[str]) -> set[str]:
     return set(value)
 
 
+@dataclass(frozen=True)
+class Undo:
+    """What one request's start took off a workflow's frontier, at which frontier generation."""
+
+    generation: int
+    finished: frozenset[str] | set[str]
+    declared_running: frozenset[str] | set[str]
+
+
 class RegisteredWorkflow:
     """One registered workflow: its graph and its current frontier."""
 
@@ -100,6 +109,7 @@ class RegisteredWorkflow:
         self.in_flight: Counter[str] = Counter()
         self.declared_running: set[str] = set()
         self.finished: set[str] = set()
+        self.generation = 0  # bumped by every frontier move, so an undo knows whether it is still current
         self._ancestors: dict[str, frozenset[str]] = {}
         self._memo: OrderedDict[tuple[frozenset[str], frozenset[str]], dict[str, int]] = OrderedDict()
 
@@ -107,23 +117,38 @@ class RegisteredWorkflow:
         """Agents with a request in flight or declared running."""
         return self.declared_running | {a for a, n in self.in_flight.items() if n > 0}
 
-    def start(self, agent_id: str) -> None:
-        """A request of ``agent_id`` arrived: it runs, and the agents it follows are past."""
-        self._move_past(agent_id)
-        self.in_flight[agent_id] += 1
+    def start(self, agent_id: str) -> Undo:
+        """A request of ``agent_id`` arrived: it runs, and the agents it follows are past.
 
-    def _move_past(self, agent_id: str) -> None:
+        Returns what :meth:`finish` needs to put the frontier back if the request fails.
+        """
+        undo = self._move_past(agent_id)
+        self.in_flight[agent_id] += 1
+        return undo
+
+    def _move_past(self, agent_id: str) -> Undo:
         past = self.ancestors(agent_id) | {agent_id}
+        undo = Undo(self.generation + 1, self.finished & past, self.declared_running & past)
         self.finished -= past
         self.declared_running -= past
+        self.generation += 1
+        return undo
 
-    def finish(self, agent_id: str, ok: bool) -> None:
-        """A request of ``agent_id`` ended; ``ok`` when it completed (not an error)."""
+    def finish(self, agent_id: str, ok: bool, undo: Undo | None = None) -> None:
+        """A request of ``agent_id`` ended; ``ok`` when it completed (not an error).
+
+        A failed or aborted request (a client that disconnected) did not move
+        the workflow: unless the frontier moved again since it started, the
+        agents its start moved past are put back (``undo``).
+        """
         self.in_flight[agent_id] -= 1
         if self.in_flight[agent_id] <= 0:
             del self.in_flight[agent_id]
             if ok:
                 self.finished.add(agent_id)
+        if not ok and undo is not None and undo.generation == self.generation:
+            self.finished |= undo.finished
+            self.declared_running |= undo.declared_running
 
     def set_frontier(self, running: set[str] | None, finished: set[str] | None) -> None:
         """Replace the declared running and/or the finished agents.
@@ -138,6 +163,7 @@ class RegisteredWorkflow:
         if finished is not None:
             self.finished = finished
             self.declared_running -= finished
+        self.generation += 1
 
     def steps(self) -> dict[str, int]:
         """Steps-to-execution of every agent of the graph at the current frontier."""
@@ -219,15 +245,18 @@ class WorkflowRegistry:
         if unknown := set(body) - {"workflow_id", "graph"}:
             raise RegistryError(f"{min(map(str, unknown))}: unknown field", min(map(str, unknown)))
         workflow_id = body.get("workflow_id")
-        if not isinstance(workflow_id, str) or not 1 <= len(workflow_id) <= MAX_ID_LEN:
-            message = f"workflow_id: must be a string of 1 to {MAX_ID_LEN} characters"
-            raise RegistryError(message, "workflow_id")
+        if (error := id_error(workflow_id)) is not None:
+            raise RegistryError(f"workflow_id: {error}", "workflow_id")
         if "graph" not in body:
             raise RegistryError("graph: is required", "graph")
         try:
             graph = AgentStepGraph.from_json(body["graph"])
         except GraphError as error:
             raise RegistryError(str(error), str(error).split(":", 1)[0]) from None
+        for i, agent_id in enumerate(graph.agents):
+            # The ids hints will name: a graph must not hold one a hint could not carry.
+            if (error := id_error(agent_id)) is not None:
+                raise RegistryError(f"graph.agents[{i}].id: {error}", f"graph.agents[{i}].id")
         if len(graph.agents) > self.max_agents:
             raise RegistryError(
                 f"graph.agents: at most {self.max_agents} agents per workflow (--kvflow-max-agents), "
@@ -318,13 +347,13 @@ class WorkflowRegistry:
                 raise HintError(
                     "kvflow.agent_id", f"{agent_id!r} is not an agent of registered workflow {workflow_id!r}"
                 )
-            workflow.start(agent_id)
+            undo = workflow.start(agent_id)
             self._touch(workflow_id)
             derived = workflow.steps()
 
             def finish(ok: bool) -> None:
                 if self._workflows.get(workflow_id) is workflow:
-                    workflow.finish(agent_id, ok)
+                    workflow.finish(agent_id, ok, undo)
                     self._changed(workflow_id)
 
         elif self.learner is not None:
@@ -336,8 +365,7 @@ class WorkflowRegistry:
 
         else:
             return hint, None
-        steps = derived | dict(hint.steps_to_execution)
-        return replace(hint, steps_to_execution=steps), finish
+        return replace(hint, steps_to_execution=_merge_steps(derived, hint.steps_to_execution)), finish
 
     # ---- lifetime ----------------------------------------------------------
 
@@ -362,6 +390,15 @@ class WorkflowRegistry:
             self.on_change(workflow_id)
 
 
+def _merge_steps(derived: Mapping[str, int], explicit: Mapping[str, int]) -> dict[str, int]:
+    """Explicit steps over derived ones, within the entries a hint may carry (nearest derived kept)."""
+    room = MAX_STEPS_ENTRIES - len(explicit)
+    extra = [(value, agent) for agent, value in derived.items() if agent not in explicit]
+    if len(extra) > room:
+        extra = sorted(extra)[:room]
+    return {agent: value for value, agent in extra} | dict(explicit)
+
+
 _active: WorkflowRegistry | None = None
 
 
@@ -379,26 +416,32 @@ def active_registry() -> WorkflowRegistry | None:
 class RequestTracker:
     """Per-request glue between the hint middleware and the active registry.
 
-    :meth:`begin` completes the request's hint; :meth:`run` calls the ASGI app
-    and reports the end of the response (the last ``http.response.body``
-    message, or the app returning without one) back to the registry, before
-    the final body reaches the client.
+    :meth:`begin` completes a hint of the request (a batch ``/generate`` has
+    one per prompt); :meth:`run` calls the ASGI app and reports the end of the
+    response (the last ``http.response.body`` message, or the app returning
+    without one) back to the registry, before the final body reaches the client.
     """
 
     def __init__(self) -> None:
-        self._finish: Finish | None = None
+        self._finishes: list[Finish] = []
 
     def begin(self, hint: WorkflowHint) -> WorkflowHint:
         """The hint with the registry's steps filled in (unchanged without a registry)."""
         registry = active_registry()
         if registry is None:
             return hint
-        hint, self._finish = registry.begin_request(hint)
+        hint, finish = registry.begin_request(hint)
+        if finish is not None:
+            self._finishes.append(finish)
         return hint
+
+    def abandon(self) -> None:
+        """The request is refused before reaching SGLang: undo every :meth:`begin`."""
+        self._end(False)
 
     async def run(self, app, scope, receive, send) -> None:
         """``await app(scope, receive, send)``, reporting the end of the response."""
-        if self._finish is None:
+        if not self._finishes:
             return await app(scope, receive, send)
         status = 500
 
@@ -416,6 +459,6 @@ class RequestTracker:
             self._end(False)
 
     def _end(self, ok: bool) -> None:
-        finish, self._finish = self._finish, None
-        if finish is not None:
+        finishes, self._finishes = self._finishes, []
+        for finish in finishes:
             finish(ok)

@@ -13,18 +13,27 @@ Fixed-prompt boundary: ``fixed_prefix_len`` when the request gives it (the
 latest value wins). Otherwise it is inferred as the longest prefix the agent's
 requests have consistently shared: the first request only records its prompt;
 each later one moves the boundary to the common prefix of that record and its
-own prompt, so the boundary never grows past what really repeats.
+own prompt, so the boundary never grows past what really repeats. The record
+keeps at most :data:`MAX_REFERENCE_TOKENS` tokens (4 bytes each), so tracked
+state stays bounded: at most ``max_agents`` agents over all workflows, each
+with one such record (past the cap the least recently hinted workflows go first).
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
-from kvflow.hints import MAX_STEPS_ENTRIES, WorkflowHint
+from kvflow.hints import MAX_STEPS_ENTRIES, MAX_STEPS_VALUE, WorkflowHint
+
+MAX_REFERENCE_TOKENS = 16384
+# Added to the steps of an over-budget agent: ranks it farther than any in-budget agent.
+OVER_BUDGET_OFFSET = MAX_STEPS_VALUE + 1
 
 
 @dataclass
@@ -61,9 +70,18 @@ class AgentState:
     agent_id: str
     steps: int | None = None
     fixed_prefix_len: int | None = None
-    reference_prompt: tuple[int, ...] | None = None
+    reference_prompt: array | None = None
     node: Any = None  # the radix-tree node where its fixed prompt ends, if resident
     counters: InvocationCounters = field(default_factory=InvocationCounters)
+    over_budget: bool = False  # past its workflow's share of the pool (see ``rank``)
+
+    @property
+    def rank(self) -> int | None:
+        """The value eviction ranks this agent's prompt by: its steps, pushed past every
+        in-budget prompt of any workflow while ``over_budget``; None when unknown."""
+        if self.steps is None or not self.over_budget:
+            return self.steps
+        return self.steps + OVER_BUDGET_OFFSET
 
 
 @dataclass(eq=False)
@@ -71,12 +89,20 @@ class WorkflowState:
     workflow_id: str
     agents: dict[str, AgentState] = field(default_factory=dict)
 
-    def agent(self, agent_id: str) -> AgentState | None:
-        """The agent's state, created on first sight (None past the per-workflow cap)."""
+    def agent(self, agent_id: str, create: bool = True) -> AgentState | None:
+        """The agent's state, created on first sight if ``create`` (None past the per-workflow cap)."""
         state = self.agents.get(agent_id)
-        if state is None and len(self.agents) < MAX_STEPS_ENTRIES:
+        if state is None and create and len(self.agents) < MAX_STEPS_ENTRIES:
             state = self.agents[agent_id] = AgentState(self.workflow_id, agent_id)
         return state
+
+
+def _token_record(prompt: Sequence[int]) -> array:
+    """A compact copy of a prompt's first tokens (empty for ids no 64-bit integer holds)."""
+    try:
+        return array("q", prompt[:MAX_REFERENCE_TOKENS])
+    except OverflowError:
+        return array("q")
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -96,9 +122,12 @@ class WorkflowTable:
         ttl: float,
         max_workflows: int,
         clock: Callable[[], float] = time.monotonic,
+        max_agents: int = 32768,
     ) -> None:
         self.ttl = ttl
         self.max_workflows = max_workflows
+        self.max_agents = max_agents  # over all workflows
+        self.agent_count = 0
         self._clock = clock
         # Ordered by last hint, oldest first, so expiry pops from the front.
         self._workflows: OrderedDict[str, WorkflowState] = OrderedDict()
@@ -109,6 +138,13 @@ class WorkflowTable:
 
     def workflows(self) -> list[WorkflowState]:
         return list(self._workflows.values())
+
+    def get(self, workflow_id: str) -> WorkflowState | None:
+        return self._workflows.get(workflow_id)
+
+    def page(self, offset: int, limit: int) -> list[WorkflowState]:
+        """Workflows ``offset .. offset + limit - 1``, least recently hinted first."""
+        return list(islice(self._workflows.values(), offset, offset + limit))
 
     def observe(
         self, hint: WorkflowHint, prompt: Sequence[int]
@@ -124,7 +160,7 @@ class WorkflowTable:
         steps.setdefault(hint.agent_id, 0)
         changed = self._merge_steps(workflow, steps)
 
-        agent = workflow.agent(hint.agent_id)
+        agent = self._agent(workflow, hint.agent_id)
         if agent is not None:
             self._update_fixed_prefix(agent, hint, prompt)
         return agent, changed
@@ -138,11 +174,17 @@ class WorkflowTable:
         self._last_seen[workflow_id] = self._clock()
         return self._merge_steps(workflow, steps)
 
-    @staticmethod
-    def _merge_steps(workflow: WorkflowState, steps: dict[str, int]) -> list[AgentState]:
+    def _agent(self, workflow: WorkflowState, agent_id: str) -> AgentState | None:
+        """``workflow``'s agent, created if the per-workflow and total caps allow."""
+        known = len(workflow.agents)
+        agent = workflow.agent(agent_id, create=self.agent_count < self.max_agents)
+        self.agent_count += len(workflow.agents) - known
+        return agent
+
+    def _merge_steps(self, workflow: WorkflowState, steps: dict[str, int]) -> list[AgentState]:
         changed = []
         for agent_id, value in steps.items():
-            agent = workflow.agent(agent_id)
+            agent = self._agent(workflow, agent_id)
             if agent is not None and agent.steps != value:
                 agent.steps = value
                 changed.append(agent)
@@ -155,10 +197,10 @@ class WorkflowTable:
             agent.reference_prompt = None
             return
         if agent.reference_prompt is None:
-            agent.reference_prompt = tuple(prompt)
+            agent.reference_prompt = _token_record(prompt)
             return
         shared = common_prefix_len(agent.reference_prompt, prompt)
-        agent.reference_prompt = agent.reference_prompt[:shared]
+        del agent.reference_prompt[shared:]
         agent.fixed_prefix_len = shared
 
     def finish(self, agent: AgentState) -> bool:
@@ -172,18 +214,23 @@ class WorkflowTable:
     def pop(self, workflow_id: str) -> WorkflowState | None:
         """Forget one workflow now (it ended); return its state if it was known."""
         self._last_seen.pop(workflow_id, None)
-        return self._workflows.pop(workflow_id, None)
+        workflow = self._workflows.pop(workflow_id, None)
+        if workflow is not None:
+            self.agent_count -= len(workflow.agents)
+        return workflow
 
-    def expire(self) -> list[WorkflowState]:
-        """Forget workflows past their TTL or past the cap; return them."""
+    def expire(self, room_for: int = 0) -> list[WorkflowState]:
+        """Forget workflows past their TTL or past the caps; return them.
+
+        ``room_for`` agents about to be added must fit under the agent cap.
+        """
         now = self._clock()
         dropped = []
         while self._workflows:
-            workflow_id, workflow = next(iter(self._workflows.items()))
+            workflow_id = next(iter(self._workflows))
             stale = now - self._last_seen[workflow_id] > self.ttl
-            if not stale and len(self._workflows) <= self.max_workflows:
+            full = self.agent_count + room_for > self.max_agents
+            if not stale and not full and len(self._workflows) <= self.max_workflows:
                 break
-            del self._workflows[workflow_id]
-            del self._last_seen[workflow_id]
-            dropped.append(workflow)
+            dropped.append(self.pop(workflow_id))
         return dropped

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from kvflow.hints import KV_HINTS_ACTION_TYPE, TRANSPORT_KEY, HintError, WorkflowHint, parse_hint
+from kvflow.hints import KV_HINTS_ACTION_TYPE, TRANSPORT_KEY, HintError, WorkflowHint, parse_hint, transport
 from kvflow.workflow_registry import RequestTracker
 
 TARGETS = ("sglang.srt.entrypoints.http_server.app",)
@@ -28,65 +28,102 @@ GENERATE_PATH = "/generate"
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
-def _custom_params_holders(body: dict, path: str, create: bool = False) -> list[dict]:
-    """The dicts whose ``custom_params`` SGLang forwards for this endpoint."""
+def _holders(body: dict, path: str) -> tuple[list[Any], bool]:
+    """The objects whose ``custom_params`` SGLang forwards, and whether there is one per prompt.
+
+    ``/generate`` with a list of ``sampling_params`` has one per prompt of its batch.
+    """
     if path != GENERATE_PATH:
-        return [body]
+        return [body], False
     sampling = body.get("sampling_params")
     if isinstance(sampling, list):
-        return [params for params in sampling if isinstance(params, dict)]
-    if not isinstance(sampling, dict):
-        if not create:
-            return []
-        sampling = body["sampling_params"] = {}
-    return [sampling]
+        return sampling, True
+    return [sampling], False
 
 
-def _find_hint(body: dict, path: str) -> tuple[Any, str] | None:
+def _pop_own_hint(holder: Any) -> tuple[bool, Any]:
+    custom = holder.get("custom_params") if isinstance(holder, dict) else None
+    if isinstance(custom, dict) and TRANSPORT_KEY in custom:
+        return True, custom.pop(TRANSPORT_KEY)
+    return False, None
+
+
+def _shared_hint(body: dict, path: str) -> tuple[Any, str] | None:
+    """A hint given once for the whole body: top-level ``kvflow`` or a ``kv_hints`` action."""
     if TRANSPORT_KEY in body:
         return body.pop(TRANSPORT_KEY), "kvflow"
-    for holder in _custom_params_holders(body, path):
-        custom = holder.get("custom_params")
-        if isinstance(custom, dict) and TRANSPORT_KEY in custom:
-            where = (
-                "custom_params.kvflow" if path != GENERATE_PATH else "sampling_params.custom_params.kvflow"
-            )
-            return custom.pop(TRANSPORT_KEY), where
     envelope = body.get("kv_hints") if path == GENERATE_PATH else None
-    if isinstance(envelope, dict):
-        for i, action in enumerate(envelope.get("actions") or []):
+    if isinstance(envelope, dict) and isinstance(envelope.get("actions"), list):
+        for i, action in enumerate(envelope["actions"]):
             if isinstance(action, dict) and action.get("action_type") == KV_HINTS_ACTION_TYPE:
                 return action.get("payload"), f"kv_hints.actions[{i}].payload"
     return None
 
 
-def _prompt_len(body: dict, path: str) -> int | None:
-    """The prompt length when the body gives token ids directly."""
-    ids = body.get("input_ids") if path == GENERATE_PATH else body.get("prompt")
+def _token_count(ids: Any) -> int | None:
     if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
         return len(ids)
     return None
 
 
-def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], WorkflowHint] | None = None) -> Any:
-    """Validate and move the hint into ``custom_params``; raise :class:`HintError` if malformed.
+def _prompt_lens(body: dict, path: str, count: int, per_prompt: bool) -> list[int | None]:
+    """Per holder, its prompt's length when the body gives token ids directly.
 
-    ``resolve`` completes a valid hint first (the workflow registry fills in its steps).
+    A batch sharing one holder is checked per prompt later, once tokenized
+    (``patches/hint_prompt_length.py``).
+    """
+    ids = body.get("input_ids") if path == GENERATE_PATH else body.get("prompt")
+    if not per_prompt:
+        return [_token_count(ids)]
+    if isinstance(ids, list) and len(ids) == count:
+        return [_token_count(item) for item in ids]
+    return [None] * count
+
+
+def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], WorkflowHint] | None = None) -> Any:
+    """Validate and move every hint into ``custom_params``; raise :class:`HintError` if one is malformed.
+
+    A top-level or ``kv_hints`` hint applies to every prompt; on a batch
+    ``/generate``, a prompt's own ``sampling_params[i].custom_params.kvflow``
+    applies to it alone (and wins over the shared one). ``resolve`` completes
+    each valid hint (the workflow registry fills in its steps). Returns None
+    when the body holds no hint (it is then passed on untouched).
     """
     if not isinstance(body, dict):
-        return body
-    found = _find_hint(body, path)
-    if found is None:
-        return body
-    raw, where = found
-    hint = parse_hint(raw, prompt_len=_prompt_len(body, path), prefix=where)
-    if resolve is not None:
-        hint = resolve(hint)
-    for holder in _custom_params_holders(body, path, create=True):
+        return None
+    shared = _shared_hint(body, path)
+    holders, per_prompt = _holders(body, path)
+    own = [_pop_own_hint(holder) for holder in holders]
+    if shared is None and not any(found for found, _ in own):
+        return None
+    lens = _prompt_lens(body, path, len(holders), per_prompt)
+    hinted: list[tuple[dict, WorkflowHint]] = []
+    for i, (found, raw) in enumerate(own):
+        holder_name = f"sampling_params[{i}]" if per_prompt else "sampling_params"
+        if found:
+            where = f"{holder_name}.custom_params.kvflow" if path == GENERATE_PATH else "custom_params.kvflow"
+            raw_hint = raw
+        elif shared is not None:
+            raw_hint, where = shared
+        else:
+            continue
+        hint = parse_hint(raw_hint, prompt_len=lens[i], prefix=where)
+        holder = holders[i]
+        if holder is None and not per_prompt:
+            holder = body["sampling_params"] = {}
+        if not isinstance(holder, dict):
+            raise HintError(
+                holder_name, f"must be an object to carry a kvflow hint, got {type(holder).__name__}"
+            )
+        hinted.append((holder, hint))
+    # Every hint is valid: only now may the registry count the requests as started.
+    for holder, hint in hinted:
+        if resolve is not None:
+            hint = resolve(hint)
         custom = holder.get("custom_params")
         if not isinstance(custom, dict):
             custom = holder["custom_params"] = {}
-        custom[TRANSPORT_KEY] = hint.to_json()
+        custom.update(transport(hint))
     return body
 
 
@@ -115,12 +152,18 @@ class HintMiddleware:
         raw = b"".join(chunks)
         new_raw = raw
         tracker = RequestTracker()  # registered and learned workflows: steps in, end of response out
-        if b'"kvflow"' in raw:
+        # A key spelled with JSON escapes ("\u006bvflow") holds a backslash-u; anything else is literal.
+        if b"kvflow" in raw or b"\\u" in raw:
             try:
-                body = json.loads(raw)
-                new_raw = json.dumps(rewrite_body(body, path, tracker.begin)).encode()
+                body = rewrite_body(json.loads(raw), path, tracker.begin)
+                if body is not None:
+                    new_raw = json.dumps(body).encode()
             except HintError as error:
+                tracker.abandon()
                 return await _send_error(send, error)
+            except RecursionError:
+                tracker.abandon()
+                return await _send_error(send, HintError("body", "JSON nested too deeply"))
             except ValueError:
                 pass  # not JSON: SGLang reports it as usual
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]

@@ -4,12 +4,24 @@ Targets: ``SchedulerInternalStateController.get_internal_state`` (an AFTER
 hook in the scheduler process adds the cache's ``kvflow_stats()`` to the
 internal-state reply SGLang already sends to the HTTP process) and the FastAPI
 ``app`` of ``sglang.srt.entrypoints.http_server`` (the route that asks for it).
+
+The default answer is a bounded summary. ``?workflow_id=ID`` adds one page of
+that workflow's agents, ``?detail=workflows`` one page of the tracked
+workflows (both paged by ``offset`` and ``limit``). The page asked for rides
+to the scheduler in the request's ``rid`` (``GetInternalStateReq`` has no
+other field; SGLang sends these requests one at a time and does not read
+their ``rid``).
 """
 
 from __future__ import annotations
 
+import json
+
+from fastapi import Request
 from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from kvflow.stats_query import QUERY_RID_PREFIX, QueryError, StatsQuery, parse_query
 
 TARGETS = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
@@ -18,12 +30,16 @@ TARGETS = (
 ROUTE = "/kvflow/stats"
 
 
-def _add_kvflow_stats(result, controller, *args, **kwargs):
+def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
     from kvflow.patches import active_patches
 
     stats = getattr(controller.scheduler.tree_cache, "kvflow_stats", None)
     if stats is not None:
-        result.internal_state["kvflow"] = {**stats(), "patches_active": active_patches()}
+        query = None
+        rid = getattr(recv_req, "rid", None)
+        if isinstance(rid, str) and rid.startswith(QUERY_RID_PREFIX):
+            query = StatsQuery(**json.loads(rid[len(QUERY_RID_PREFIX) :]))
+        result.internal_state["kvflow"] = {**stats(query), "patches_active": active_patches()}
     return result
 
 
@@ -31,12 +47,22 @@ def register_hooks() -> None:
     HookRegistry.register(TARGETS[0], _add_kvflow_stats, HookType.AFTER)
 
 
-async def kvflow_stats() -> ORJSONResponse:
-    """Per-workflow and per-agent cache counters from every scheduler (one per DP rank)."""
+async def kvflow_stats(request: Request) -> ORJSONResponse:
+    """Cache counters from every scheduler (one per DP rank), with a page of detail on request."""
     from sglang.srt.entrypoints.http_server import _global_state
+    from sglang.srt.managers.io_struct import GetInternalStateReq
 
-    states = await _global_state.tokenizer_manager.get_internal_state()
-    ranks = [state["kvflow"] for state in states if "kvflow" in state]
+    try:
+        query = parse_query(request.query_params)
+    except QueryError as error:
+        message = str(error).encode("utf-8", "backslashreplace").decode("utf-8")
+        content = {"object": "error", "message": message, "type": "BadRequestError", "param": error.param}
+        return ORJSONResponse(status_code=400, content={**content, "code": 400})
+    manager = _global_state.tokenizer_manager
+    manager.auto_create_handle_loop()
+    rid = None if query is None else QUERY_RID_PREFIX + json.dumps(query.__dict__)
+    replies = await manager.get_internal_state_communicator(GetInternalStateReq(rid=rid))
+    ranks = [reply.internal_state["kvflow"] for reply in replies if "kvflow" in reply.internal_state]
     if not ranks:
         return ORJSONResponse(
             status_code=404,

@@ -144,8 +144,19 @@ class FrontierPusher:
 _pusher: FrontierPusher | None = None
 
 
+def _printable(text: str | None) -> str | None:
+    """``text`` with lone surrogates escaped: orjson refuses them, and error messages quote client input."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error(status: int, message: str, param: str | None, kind: str) -> ORJSONResponse:
-    content = {"object": "error", "message": message, "type": kind, "param": param, "code": status}
+    content = {
+        "object": "error",
+        "message": _printable(message),
+        "type": kind,
+        "param": _printable(param),
+        "code": status,
+    }
     return ORJSONResponse(status_code=status, content=content)
 
 
@@ -158,6 +169,8 @@ def _answers_registry_errors(
             return await handler(*args, **kwargs)
         except RegistryError as error:
             return _error(error.status, str(error), error.param, type(error).__name__)
+        except RecursionError:  # a document nested nearly as deep as the parser allows
+            return _error(400, "body: JSON nested too deeply", "body", "RegistryError")
 
     return wrapper
 
@@ -172,7 +185,9 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(await request.body())
     except ValueError:
-        raise RegistryError("body: expected a JSON object") from None
+        raise RegistryError("body: expected a JSON object", "body") from None
+    except RecursionError:
+        raise RegistryError("body: JSON nested too deeply", "body") from None
 
 
 @_answers_registry_errors
