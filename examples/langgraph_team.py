@@ -94,12 +94,13 @@ def run_team(url: str, task: str, rounds: int = 3, api_key: str | None = None) -
         initial = {"task": task, "rounds": rounds, "round": 0, "plan": "", "report": "", "review": ""}
         final = builder.compile().invoke(initial, {"configurable": {"llm": llm}})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        stats = httpx.get(f"{url}/kvflow/stats", headers=headers, timeout=30).json()
+        params = {"workflow_id": workflow.workflow_id}
+        stats = httpx.get(f"{url}/kvflow/stats", params=params, headers=headers, timeout=30).json()
         return {
             "workflow_id": workflow.workflow_id,
             "registered": workflow.info(),
             "state": final,
-            "agents": stats["workflows"].get(workflow.workflow_id, {}),
+            "agents": (stats["workflow"] or {}).get("agents", {}),
         }
 
 

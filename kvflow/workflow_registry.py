@@ -109,7 +109,10 @@ class RegisteredWorkflow:
         self.in_flight: Counter[str] = Counter()
         self.declared_running: set[str] = set()
         self.finished: set[str] = set()
-        self.generation = 0  # bumped by every frontier move, so an undo knows whether it is still current
+        self.generation = 0  # bumped by every completed request and PATCH: an older undo is out of date
+        # What aborted requests took off the frontier that a request still in flight keeps off.
+        self._undo_finished: set[str] = set()
+        self._undo_running: set[str] = set()
         self._ancestors: dict[str, frozenset[str]] = {}
         self._memo: OrderedDict[tuple[frozenset[str], frozenset[str]], dict[str, int]] = OrderedDict()
 
@@ -126,29 +129,43 @@ class RegisteredWorkflow:
         self.in_flight[agent_id] += 1
         return undo
 
+    def _past(self, agent_id: str) -> frozenset[str]:
+        return self.ancestors(agent_id) | {agent_id}
+
     def _move_past(self, agent_id: str) -> Undo:
-        past = self.ancestors(agent_id) | {agent_id}
-        undo = Undo(self.generation + 1, self.finished & past, self.declared_running & past)
+        past = self._past(agent_id)
+        undo = Undo(self.generation, self.finished & past, self.declared_running & past)
         self.finished -= past
         self.declared_running -= past
-        self.generation += 1
         return undo
 
     def finish(self, agent_id: str, ok: bool, undo: Undo | None = None) -> None:
         """A request of ``agent_id`` ended; ``ok`` when it completed (not an error).
 
         A failed or aborted request (a client that disconnected) did not move
-        the workflow: unless the frontier moved again since it started, the
-        agents its start moved past are put back (``undo``).
+        the workflow: unless a request completed or the frontier was set since
+        it started, the agents its start moved past are put back (``undo``),
+        but for those a request still in flight has moved past as well.
         """
         self.in_flight[agent_id] -= 1
         if self.in_flight[agent_id] <= 0:
             del self.in_flight[agent_id]
             if ok:
                 self.finished.add(agent_id)
-        if not ok and undo is not None and undo.generation == self.generation:
-            self.finished |= undo.finished
-            self.declared_running |= undo.declared_running
+        if ok:
+            self._new_generation()
+        elif undo is not None and undo.generation == self.generation:
+            self._undo_finished |= undo.finished
+            self._undo_running |= undo.declared_running
+            still_past = set().union(*(self._past(other) for other in self.in_flight))
+            self.finished |= self._undo_finished - still_past
+            self.declared_running |= self._undo_running - still_past
+            self._undo_finished &= still_past
+            self._undo_running &= still_past
+
+    def _new_generation(self) -> None:
+        self.generation += 1
+        self._undo_finished, self._undo_running = set(), set()
 
     def set_frontier(self, running: set[str] | None, finished: set[str] | None) -> None:
         """Replace the declared running and/or the finished agents.
@@ -163,7 +180,7 @@ class RegisteredWorkflow:
         if finished is not None:
             self.finished = finished
             self.declared_running -= finished
-        self.generation += 1
+        self._new_generation()
 
     def steps(self) -> dict[str, int]:
         """Steps-to-execution of every agent of the graph at the current frontier."""

@@ -14,9 +14,9 @@ from importlib.metadata import version
 from kvflow.patches import (
     cpu_host_tier,
     hint_middleware,
-    hint_prompt_length,
     link_emulation,
     prefetch_hold,
+    request_checks,
     stats_endpoint,
     workflow_endpoints,
 )
@@ -25,13 +25,13 @@ from kvflow.config import KVFlowConfig
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (hint_prompt_length, stats_endpoint, prefetch_hold, cpu_host_tier, workflow_endpoints)
+HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, cpu_host_tier, workflow_endpoints)
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
 ALL_TARGETS = tuple(
     target
     for module in (
         hint_middleware,
-        hint_prompt_length,
+        request_checks,
         stats_endpoint,
         prefetch_hold,
         cpu_host_tier,

@@ -70,7 +70,7 @@ def _prompt_lens(body: dict, path: str, count: int, per_prompt: bool) -> list[in
     """Per holder, its prompt's length when the body gives token ids directly.
 
     A batch sharing one holder is checked per prompt later, once tokenized
-    (``patches/hint_prompt_length.py``).
+    (``patches/request_checks.py``).
     """
     ids = body.get("input_ids") if path == GENERATE_PATH else body.get("prompt")
     if not per_prompt:

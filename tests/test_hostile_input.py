@@ -254,3 +254,16 @@ def test_stats_query_parameters():
         with pytest.raises(QueryError) as error:
             parse_query(params)
         assert error.value.param == name
+
+
+def test_overlapping_aborted_requests_restore_the_frontier_together():
+    registry = WorkflowRegistry()
+    registry.register({"workflow_id": "w", "graph": CYCLE})
+    _, finish = registry.begin_request(WorkflowHint("w", "planner"))
+    finish(True)
+    # The next stream starts before the previous one's disconnect is noticed.
+    finishes = [registry.begin_request(WorkflowHint("w", "executor"))[1] for _ in range(3)]
+    for finish in finishes:
+        assert registry.get("w").finished == set()  # moved past while any of them is in flight
+        finish(False)
+    assert registry.get("w").finished == {"planner"}
