@@ -6,8 +6,9 @@ Runs on the scheduler thread once per iteration (from the cache's
 on the device, nearest first, it issues SGLang's own ``load_back`` for that
 path, bounded by SGLang's free load slots and ``max_tokens`` in flight. Room is
 made only from nodes no nearer agent needs: un-owned nodes and owned nodes
-with strictly larger steps (eviction order takes those first, so evicting
-exactly the tokens they hold never reaches a nearer agent). Until a load is
+ranked strictly farther (``AgentState.rank``: steps, past every in-budget
+prompt when over its workflow's share; eviction order takes those first, so
+evicting exactly the tokens they hold never reaches a nearer agent). Until a load is
 acknowledged its nodes are *pending*: the scheduler holds back every waiting
 request whose prompt runs through them (``blocks``), so no batch reads KV
 before it landed and no second load is issued; once acknowledged the request
@@ -125,7 +126,7 @@ class Prefetcher:
             and agent.node.backuped
             and id(agent) not in self.records
         ]
-        return sorted(agents, key=lambda a: a.steps)
+        return sorted(agents, key=lambda a: a.rank)
 
     def _issue(self) -> None:
         cache = self.cache
@@ -138,9 +139,10 @@ class Prefetcher:
             if self._pending_tokens() + tokens > self.max_tokens:
                 continue
             # Room only shrinks during a pass, so what did not fit once need not be walked for again.
-            too_big = no_room.get(agent.steps, math.inf)
-            if tokens >= too_big or not self._make_room(tokens, agent.steps):
-                no_room[agent.steps] = min(tokens, too_big)
+            # By rank, not steps: an over-budget prompt must not take room from in-budget ones.
+            too_big = no_room.get(agent.rank, math.inf)
+            if tokens >= too_big or not self._make_room(tokens, agent.rank):
+                no_room[agent.rank] = min(tokens, too_big)
                 self.counters.skipped_no_room += 1
                 continue
             if cache.load_back(agent.node.id):
@@ -148,12 +150,12 @@ class Prefetcher:
                 self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
                 self.counters.issued += 1
 
-    def _make_room(self, tokens: int, steps: int) -> bool:
+    def _make_room(self, tokens: int, rank: int) -> bool:
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
         if available >= tokens:
             return True
-        if available + _evictable_farther_than(self.cache.tree_core.root_node, steps) < tokens:
+        if available + _evictable_farther_than(self.cache.tree_core.root_node, rank) < tokens:
             return False
         self.cache.evict(EvictParams(num_tokens=tokens - available))
         return allocator.available_size() >= tokens
@@ -203,8 +205,8 @@ def _evicted_path(node: Any) -> list[Any]:
     return path
 
 
-def _evictable_farther_than(root: Any, steps: int) -> int:
-    """Device tokens eviction may take before touching any owner with steps <= ``steps``.
+def _evictable_farther_than(root: Any, rank: int) -> int:
+    """Device tokens eviction may take before touching any owner ranked <= ``rank`` (``AgentState.rank``).
 
     Qualifying nodes (no owner below, or every owner farther) form whole
     subtrees, and eviction order exhausts them first.
@@ -212,7 +214,7 @@ def _evictable_farther_than(root: Any, steps: int) -> int:
     total, stack = 0, list(root.children.values())
     while stack:
         node = stack.pop()
-        if node.kvflow_min is None or node.kvflow_min > steps:
+        if node.kvflow_min is None or node.kvflow_min > rank:
             total += _unlocked_device_tokens(node)
         else:
             stack.extend(node.children.values())
