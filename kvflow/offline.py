@@ -1,10 +1,12 @@
 """Drive real SGLang radix caches without a model, the way the scheduler does.
 
-A :class:`CacheDriver` owns a real ``TokenToKVPoolAllocator`` and a cache built
+A :class:`CacheDriver` owns a real SGLang allocator (``TokenToKVPoolAllocator``,
+or ``PagedTokenToKVPoolAllocator`` for a page size above 1) and a cache built
 from real ``CacheInitParams``; :meth:`serve` matches a prompt, evicts what the
-allocator lacks, allocates the rest and inserts the whole sequence, like a
-finished request. After every step it checks SGLang's accounting invariant:
-available + evictable + protected == pool size.
+allocator lacks, allocates the rest and inserts the sequence, like a finished
+request. After every step it checks SGLang's accounting invariant (available +
+evictable + protected == pool size) and, for a ``WorkflowRadixCache``, the
+rest of :func:`kvflow.integrity.check_integrity`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator import (
+    BaseTokenToKVPoolAllocator,
+    PagedTokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+)
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -22,6 +28,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from kvflow.cache import WorkflowRadixCache
 from kvflow.eviction import register_eviction_policy
 from kvflow.hints import WorkflowHint
+from kvflow.integrity import check_integrity, check_pool_accounting
 from kvflow.tree_core import register_tree_core
 
 
@@ -39,22 +46,30 @@ class RecordingAllocator(TokenToKVPoolAllocator):
 
 @dataclass
 class CacheDriver:
+    """A cache on a ``size``-token pool. Only at page size 1 does the allocator record ``freed``."""
+
     size: int
     cache_class: type = WorkflowRadixCache
     policy: str = "kvflow"
     policy_config: dict | None = None
-    allocator: RecordingAllocator = field(init=False)
+    page_size: int = 1
+    allocator: BaseTokenToKVPoolAllocator = field(init=False)
     cache: UnifiedRadixCache = field(init=False)
 
     def __post_init__(self) -> None:
         register_eviction_policy()
         register_tree_core()
-        self.allocator = RecordingAllocator(self.size)
+        if self.page_size == 1:
+            self.allocator = RecordingAllocator(self.size)
+        else:
+            self.allocator = PagedTokenToKVPoolAllocator(
+                self.size, self.page_size, torch.float32, "cpu", kvcache=None, need_sort=False
+            )
         params = CacheInitParams(
             disable=False,
             req_to_token_pool=None,
             token_to_kv_pool_allocator=self.allocator,
-            page_size=1,
+            page_size=self.page_size,
             eviction_policy=self.policy,
             eviction_policy_config=self.policy_config,
             tree_components=(ComponentType.FULL,),
@@ -63,30 +78,46 @@ class CacheDriver:
         self.cache = self.cache_class(params)
 
     def check_accounting(self) -> None:
-        cache = self.cache
-        total = self.allocator.available_size() + cache.evictable_size() + cache.protected_size()
-        assert total == self.size, f"accounting drifted: {total} != {self.size}"
+        """Pool accounting; the full :func:`check_integrity` for a ``WorkflowRadixCache``."""
+        if isinstance(self.cache, WorkflowRadixCache):
+            check_integrity(self.cache)
+        else:
+            check_pool_accounting(self.cache)
 
     def cached_len(self, tokens: list[int]) -> int:
-        return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens)))).device_prefix_len
+        """Device-cached prefix length of ``tokens`` (a match may split a node, so it is checked too)."""
+        hit = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens)))).device_prefix_len
+        self.check_accounting()
+        return hit
 
     def serve(self, tokens: list[int], hint: WorkflowHint | None = None) -> int:
-        """Process one request; return how many of its tokens were already cached."""
-        cache = self.cache
+        """Process one request; return how many of its tokens were already cached.
+
+        Like the scheduler, it allocates whole pages and inserts only the
+        prompt's full pages; the slots of a trailing partial page are freed.
+        """
+        cache, page = self.cache, self.page_size
         agent = cache.observe_hint(hint, tokens) if hint is not None else None
         match = cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens))))
         hit = match.device_prefix_len
         prefix = cache.path_device_indices(match.last_device_node)[:hit]
         lock = cache.lock(match.last_device_node)
-        need = len(tokens) - hit
+        need = -(-len(tokens) // page) * page - hit
         if self.allocator.available_size() < need:
             cache.evict(EvictParams(num_tokens=need - self.allocator.available_size()))
         new = self.allocator.alloc(need)
         assert new is not None, "pool exhausted"
         cache.unlock(lock)
+        aligned = len(tokens) // page * page
         cache.insert(
-            InsertParams(key=RadixKey(list(tokens)), value=torch.cat([prefix, new]), prev_prefix_len=hit)
+            InsertParams(
+                key=RadixKey(list(tokens[:aligned])),
+                value=torch.cat([prefix, new[: aligned - hit]]),
+                prev_prefix_len=hit,
+            )
         )
+        if aligned < len(tokens):
+            self.allocator.free(new[aligned - hit :])
         if agent is not None:
             cache.claim(agent, tokens)
             cache.agent_finished(agent)
