@@ -78,6 +78,9 @@ def id_error(value: Any) -> str | None:
     except UnicodeEncodeError:
         # A lone surrogate (JSON "\ud800") cannot be written back in any JSON answer.
         return "must be valid Unicode (no lone surrogates)"
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        # A workflow id is also a URL path segment (/kvflow/workflows/{id}), which cannot hold one.
+        return "must not contain control characters"
     return None
 
 

@@ -156,13 +156,13 @@ class WorkflowTable:
         self._workflows.move_to_end(hint.workflow_id)
         self._last_seen[hint.workflow_id] = self._clock()
 
-        steps = dict(hint.steps_to_execution)
-        steps.setdefault(hint.agent_id, 0)
-        changed = self._merge_steps(workflow, steps)
-
+        # The requesting agent first: a full steps map must not crowd it out of the per-workflow cap.
         agent = self._agent(workflow, hint.agent_id)
         if agent is not None:
             self._update_fixed_prefix(agent, hint, prompt)
+        steps = dict(hint.steps_to_execution)
+        steps.setdefault(hint.agent_id, 0)
+        changed = self._merge_steps(workflow, steps)
         return agent, changed
 
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> list[AgentState] | None:

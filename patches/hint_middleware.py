@@ -48,10 +48,14 @@ def _pop_own_hint(holder: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def _shared_hint(body: dict, path: str) -> tuple[Any, str] | None:
-    """A hint given once for the whole body: top-level ``kvflow`` or a ``kv_hints`` action."""
+def _top_level_hint(body: dict) -> tuple[Any, str] | None:
     if TRANSPORT_KEY in body:
         return body.pop(TRANSPORT_KEY), "kvflow"
+    return None
+
+
+def _envelope_hint(body: dict, path: str) -> tuple[Any, str] | None:
+    """A ``kv_hints`` action of type ``kvflow`` (``/generate`` only); it stays in the envelope."""
     envelope = body.get("kv_hints") if path == GENERATE_PATH else None
     if isinstance(envelope, dict) and isinstance(envelope.get("actions"), list):
         for i, action in enumerate(envelope["actions"]):
@@ -83,28 +87,31 @@ def _prompt_lens(body: dict, path: str, count: int, per_prompt: bool) -> list[in
 def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], WorkflowHint] | None = None) -> Any:
     """Validate and move every hint into ``custom_params``; raise :class:`HintError` if one is malformed.
 
-    A top-level or ``kv_hints`` hint applies to every prompt; on a batch
-    ``/generate``, a prompt's own ``sampling_params[i].custom_params.kvflow``
-    applies to it alone (and wins over the shared one). ``resolve`` completes
+    Per prompt, the first found is used: the top-level ``kvflow`` (for every
+    prompt), the prompt's own ``custom_params.kvflow`` (on a batch
+    ``/generate``, ``sampling_params[i].custom_params.kvflow``), a ``kv_hints``
+    action (for every prompt); the others are dropped unread. ``resolve`` completes
     each valid hint (the workflow registry fills in its steps). Returns None
     when the body holds no hint (it is then passed on untouched).
     """
     if not isinstance(body, dict):
         return None
-    shared = _shared_hint(body, path)
+    top, envelope = _top_level_hint(body), _envelope_hint(body, path)
     holders, per_prompt = _holders(body, path)
     own = [_pop_own_hint(holder) for holder in holders]
-    if shared is None and not any(found for found, _ in own):
+    if top is None and envelope is None and not any(found for found, _ in own):
         return None
     lens = _prompt_lens(body, path, len(holders), per_prompt)
     hinted: list[tuple[dict, WorkflowHint]] = []
     for i, (found, raw) in enumerate(own):
         holder_name = f"sampling_params[{i}]" if per_prompt else "sampling_params"
-        if found:
+        if top is not None:
+            raw_hint, where = top
+        elif found:
             where = f"{holder_name}.custom_params.kvflow" if path == GENERATE_PATH else "custom_params.kvflow"
             raw_hint = raw
-        elif shared is not None:
-            raw_hint, where = shared
+        elif envelope is not None:
+            raw_hint, where = envelope
         else:
             continue
         hint = parse_hint(raw_hint, prompt_len=lens[i], prefix=where)
@@ -153,9 +160,14 @@ class HintMiddleware:
         new_raw = raw
         tracker = RequestTracker()  # registered and learned workflows: steps in, end of response out
         # A key spelled with JSON escapes ("\u006bvflow") holds a backslash-u; anything else is literal.
-        if b"kvflow" in raw or b"\\u" in raw:
+        # SGLang 0.5.23's OpenAI request models answer a JSON body that is not an object with a 500.
+        not_object = path in OPENAI_PATHS and not raw.lstrip().startswith(b"{")
+        if b"kvflow" in raw or b"\\u" in raw or not_object:
             try:
-                body = rewrite_body(json.loads(raw), path, tracker.begin)
+                parsed = json.loads(raw)
+                if not_object and not isinstance(parsed, dict):
+                    raise HintError("body", f"must be a JSON object, got {type(parsed).__name__}")
+                body = rewrite_body(parsed, path, tracker.begin)
                 if body is not None:
                     new_raw = json.dumps(body).encode()
             except HintError as error:

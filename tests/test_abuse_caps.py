@@ -9,7 +9,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from kvflow.cache import WorkflowRadixCache
 from kvflow.config import KVFlowConfig
-from kvflow.hints import WorkflowHint
+from kvflow.hints import MAX_STEPS_ENTRIES, WorkflowHint
 from kvflow.offline import CacheDriver
 from kvflow.stats_query import StatsQuery
 from kvflow.workflows import OVER_BUDGET_OFFSET
@@ -105,3 +105,12 @@ def test_config_refuses_fractions_outside_the_unit_interval():
     assert KVFlowConfig(max_tracked_agents=0).error() is not None
     assert KVFlowConfig().error() is None
     assert isinstance(CacheDriver(size=10).cache, WorkflowRadixCache)
+
+
+def test_a_full_steps_map_does_not_crowd_out_the_requesting_agent():
+    driver = CacheDriver(size=200)
+    steps = {f"s{i}": 1 for i in range(MAX_STEPS_ENTRIES)}
+    driver.serve(prompt(0, 0), WorkflowHint("big", "me", 20, steps))
+    agents = driver.cache.workflows.get("big").agents
+    assert len(agents) == MAX_STEPS_ENTRIES and "me" in agents
+    assert agents["me"].node is not None and agents["me"].fixed_prefix_len == 20

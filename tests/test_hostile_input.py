@@ -126,16 +126,24 @@ def test_batch_generate_takes_each_prompts_own_hint():
     assert batch_hints(body) == [WorkflowHint("w", "x"), None, WorkflowHint("w", "y", 2)]
 
 
-def test_batch_generate_shares_a_top_level_hint_and_lets_an_item_override_it():
+def test_per_prompt_the_first_hint_found_is_used_top_level_then_own_then_kv_hints():
+    envelope = {"actions": [{"action_type": "kvflow", "payload": {**GOOD, "agent_id": "env"}}]}
+    own = [{}, {"custom_params": {"kvflow": {**GOOD, "agent_id": "b"}}}]
     body = rewrite_body(
-        {
-            "input_ids": [[1, 2], [3, 4]],
-            "kvflow": GOOD,
-            "sampling_params": [{}, {"custom_params": {"kvflow": {**GOOD, "agent_id": "b"}}}],
-        },
+        {"input_ids": [[1, 2], [3, 4]], "kvflow": GOOD, "sampling_params": own, "kv_hints": envelope},
         "/generate",
     )
-    assert batch_hints(body) == [WorkflowHint("w", "a"), WorkflowHint("w", "b")]
+    assert batch_hints(body) == [WorkflowHint("w", "a"), WorkflowHint("w", "a")]
+    own = [{}, {"custom_params": {"kvflow": {**GOOD, "agent_id": "b"}}}]
+    body = rewrite_body(
+        {"input_ids": [[1, 2], [3, 4]], "sampling_params": own, "kv_hints": envelope}, "/generate"
+    )
+    assert batch_hints(body) == [WorkflowHint("w", "env"), WorkflowHint("w", "b")]
+    # A losing hint is dropped unread, as for a single prompt.
+    single = {"input_ids": [1], "kvflow": GOOD, "sampling_params": {"custom_params": {"kvflow": {"x": 7}}}}
+    assert (
+        check_transport(rewrite_body(single, "/generate")["sampling_params"]["custom_params"]).agent_id == "a"
+    )
 
 
 def test_batch_generate_names_the_item_of_a_bad_hint_and_checks_its_own_prompt_length():
@@ -267,3 +275,16 @@ def test_overlapping_aborted_requests_restore_the_frontier_together():
         assert registry.get("w").finished == set()  # moved past while any of them is in flight
         finish(False)
     assert registry.get("w").finished == {"planner"}
+
+
+@pytest.mark.parametrize("raw", [b"null", b"5", b'"kvflow"', b'[{"messages": []}]'])
+def test_an_openai_body_that_is_not_an_object_is_a_400(raw):
+    assert error_of(through_middleware(raw, "/v1/chat/completions")[0])["param"] == "body"
+
+
+def test_control_characters_in_ids_are_a_400_they_could_not_name_a_workflow_route():
+    with pytest.raises(HintError, match="control characters"):
+        parse_hint({**GOOD, "workflow_id": "nl\nid"})
+    with pytest.raises(RegistryError) as error:
+        WorkflowRegistry().register({"workflow_id": "tab\tid", "graph": CYCLE})
+    assert error.value.param == "workflow_id"
