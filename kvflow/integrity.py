@@ -72,7 +72,11 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
     """
     check_pool_accounting(cache)
     cache.sanity_check()
+    check_ownership(cache)
 
+
+def check_ownership(cache: WorkflowRadixCache) -> None:
+    """kvflow's own bookkeeping alone (see :func:`check_integrity`); what the server checks when idle."""
     root = cache.tree_core.root_node
     assert not root.kvflow_owners, f"the root has owners: {[_name(a) for a in root.kvflow_owners]}"
     nodes = _tree_nodes(root)

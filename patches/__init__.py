@@ -14,6 +14,7 @@ from importlib.metadata import version
 from kvflow.patches import (
     cpu_host_tier,
     hint_middleware,
+    idle_integrity,
     link_emulation,
     prefetch_hold,
     request_checks,
@@ -25,7 +26,14 @@ from kvflow.config import KVFlowConfig
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, cpu_host_tier, workflow_endpoints)
+HOOK_PATCHES = (
+    request_checks,
+    stats_endpoint,
+    prefetch_hold,
+    cpu_host_tier,
+    workflow_endpoints,
+    idle_integrity,
+)
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
 ALL_TARGETS = tuple(
     target
@@ -36,6 +44,7 @@ ALL_TARGETS = tuple(
         prefetch_hold,
         cpu_host_tier,
         workflow_endpoints,
+        idle_integrity,
         link_emulation,
     )
     for target in module.TARGETS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from kvflow.cache import WorkflowRadixCache
@@ -114,3 +115,20 @@ def test_a_full_steps_map_does_not_crowd_out_the_requesting_agent():
     agents = driver.cache.workflows.get("big").agents
     assert len(agents) == MAX_STEPS_ENTRIES and "me" in agents
     assert agents["me"].node is not None and agents["me"].fixed_prefix_len == 20
+
+
+def test_the_idle_check_hook_finds_a_corrupted_subtree_minimum(monkeypatch):
+    from types import SimpleNamespace
+
+    from kvflow.patches import idle_integrity
+
+    monkeypatch.setenv("SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK", "1")
+    driver = CacheDriver(size=200)
+    driver.serve(prompt(0, 0), WorkflowHint("wf", "a", 20, {"a": 3}))
+    checker = SimpleNamespace(tree_cache=driver.cache)  # SGLang's checker only lends its tree_cache
+    idle_integrity._check_ownership(None, checker)
+    driver.cache.workflows.get("wf").agents["a"].node.kvflow_min = 99
+    with pytest.raises(AssertionError, match="kvflow_min"):
+        idle_integrity._check_ownership(None, checker)
+    monkeypatch.setenv("SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK", "0")
+    idle_integrity._check_ownership(None, checker)  # off unless SGLang's own flag is on
