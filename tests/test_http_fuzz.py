@@ -210,9 +210,11 @@ def unused_name(taken: Sequence[str], stem: str = "ghost") -> str:
 # ---- hints ---------------------------------------------------------------------------------
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=24)
+CONTROL_CHARACTERS = [chr(c) for c in (*range(32), 127)]  # refused in ids: no route could name them
+ID_CHARACTERS = st.characters(codec="utf-8", exclude_characters=CONTROL_CHARACTERS)
 IDS = st.one_of(
     st.sampled_from(["fz-0", "fz-1", "fz:a", "fz:b", "review:42", "a/b", "w" * MAX_ID_LEN]),
-    st.text(st.characters(codec="utf-8"), min_size=1, max_size=24),
+    st.text(ID_CHARACTERS, min_size=1, max_size=24),
 )
 NON_STRINGS = st.one_of(
     st.none(),
@@ -275,6 +277,12 @@ def _lone_surrogate(draw, hint: dict, too_long: int) -> Case:
     return Case({**hint, field: {text: 1} if field == "steps_to_execution" else text}, field, may_pass=True)
 
 
+def _control_character(draw, hint: dict, too_long: int) -> Case:
+    field = draw(st.sampled_from(["workflow_id", "agent_id", "steps_to_execution"]))
+    text = "id" + draw(st.sampled_from(CONTROL_CHARACTERS)) + "x"
+    return Case({**hint, field: {text: 1} if field == "steps_to_execution" else text}, field)
+
+
 def _bad_prefix_len(draw, hint: dict, too_long: int) -> Case:
     value = draw(
         st.one_of(st.integers(max_value=-1), st.integers(min_value=too_long), NON_INTEGERS, st.none())
@@ -312,6 +320,7 @@ HINT_FLAWS = (
     _missing_id,
     _bad_id,
     _lone_surrogate,
+    _control_character,
     _bad_prefix_len,
     _bad_steps,
     _unknown_field,
@@ -532,9 +541,11 @@ def test_batch_generate_applies_each_prompts_own_hint(server, request, escaped):
 
 AGENT_IDS = st.one_of(
     st.sampled_from(["planner", "coder", "reviewer", "tool", "a/b", "x" * MAX_ID_LEN]),
-    st.text(st.characters(codec="utf-8"), min_size=1, max_size=16),
+    st.text(ID_CHARACTERS, min_size=1, max_size=16),
 )
-ID_SUFFIXES = st.one_of(st.sampled_from(["", "a/b", "a%2Fb", "x?y#z", "..", "100%", " "]), TEXT)
+ID_SUFFIXES = st.one_of(
+    st.sampled_from(["", "a/b", "a%2Fb", "x?y#z", "..", "100%", " "]), st.text(ID_CHARACTERS, max_size=24)
+)
 
 
 def fresh_workflow_id(suffix: str) -> str:
@@ -584,6 +595,14 @@ def _g_lone_surrogate(draw, body: dict) -> Case:
     return Case(
         {**body, "graph": {**graph, "agents": [*graph["agents"], {"id": text}]}}, "graph", may_pass=True
     )
+
+
+def _g_control_character(draw, body: dict) -> Case:
+    text = "id" + draw(st.sampled_from(CONTROL_CHARACTERS)) + "x"
+    if draw(st.booleans()):
+        return Case({**body, "workflow_id": body["workflow_id"] + text}, "workflow_id")
+    graph = body["graph"]
+    return Case({**body, "graph": {**graph, "agents": [*graph["agents"], {"id": text}]}}, "graph")
 
 
 def _g_not_a_graph(draw, body: dict) -> Case:
@@ -659,6 +678,7 @@ GRAPH_FLAWS = (
     _g_bad_workflow_id,
     _g_unknown_field,
     _g_lone_surrogate,
+    _g_control_character,
     _g_not_a_graph,
     _g_bad_agents,
     _g_too_many_agents,
