@@ -118,15 +118,19 @@ class Prefetcher:
         for key, agent in list(self.due.items()):
             if not self._is_due(agent):  # moved on, or its workflow was forgotten (steps None)
                 del self.due[key]
-        agents = [
-            agent
-            for agent in self.due.values()
-            if agent.node is not None
-            and agent.node.evicted
-            and agent.node.backuped
-            and id(agent) not in self.records
-        ]
+        agents = [agent for agent in self.due.values() if self._loadable(agent)]
         return sorted(agents, key=lambda a: a.rank)
+
+    def _loadable(self, agent: AgentState) -> bool:
+        """Due, its prompt on the host only, and no load of it issued yet."""
+        node = agent.node
+        return (
+            self._is_due(agent)
+            and node is not None
+            and node.evicted
+            and node.backuped
+            and id(agent) not in self.records
+        )
 
     def _issue(self) -> None:
         cache = self.cache
@@ -134,6 +138,9 @@ class Prefetcher:
         for agent in self._candidates():
             if not cache.has_free_load_back_slot():
                 return
+            # Making room for an earlier candidate evicts, and an eviction may expire workflows.
+            if not self._loadable(agent):
+                continue
             path = _evicted_path(agent.node)
             tokens = sum(len(node.key) for node in path)
             if self._pending_tokens() + tokens > self.max_tokens:
@@ -144,6 +151,9 @@ class Prefetcher:
             if tokens >= too_big or not self._make_room(tokens, agent.rank):
                 no_room[agent.rank] = min(tokens, too_big)
                 self.counters.skipped_no_room += 1
+                continue
+            # The room made may have reached this agent's workflow (TTL expiry) or its path's ancestors.
+            if not self._loadable(agent) or _evicted_path(agent.node) != path:
                 continue
             if cache.load_back(agent.node.id):
                 cache.ready_to_load_host_cache()
