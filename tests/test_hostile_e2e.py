@@ -243,3 +243,24 @@ def test_a_flood_asking_to_protect_more_than_the_pool_still_completes_every_requ
     agents = summary(server, workflow_id="hog")["workflow"]["agents"]
     assert any(agent["over_budget"] for agent in agents.values())
     assert_serves(server)
+
+
+def test_a_prefetch_whose_workflow_expires_while_room_is_made_does_not_kill_the_scheduler():
+    # B is due next and its prompt is on the host only; an un-hinted request holds the pool past
+    # the TTL, so the eviction that makes room for B's load expires B's workflow first.
+    rng = random.Random(0)
+    prompt_a, prompt_b, long = ([rng.randrange(256) for _ in range(n)] for n in (150, 150, 300))
+    args = ["--max-total-tokens", "400", "--random-seed", "0", "--enable-hierarchical-cache"]
+    with ServerProcess([*args, "--hicache-ratio", "4", "--kvflow-hint-ttl", "0.2"]) as server:
+        hint = {"workflow_id": "W", "fixed_prefix_len": 150}
+        steps_b, steps_a = {"B": 0, "A": 1}, {"A": 0, "B": 1}
+        assert generate(
+            server, prompt_b + [1, 2], {**hint, "agent_id": "B", "steps_to_execution": steps_b}
+        ).ok
+        assert generate(
+            server, prompt_a + [3, 4], {**hint, "agent_id": "A", "steps_to_execution": steps_a}
+        ).ok
+        assert generate(server, long, tokens=60).ok
+        time.sleep(2)
+        assert_serves(server)
+        assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log_tail()
