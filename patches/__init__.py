@@ -35,19 +35,9 @@ HOOK_PATCHES = (
     idle_integrity,
 )
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
+# Every module's targets: the hook patches, the app-only middleware, and link_emulation (opt-in).
 ALL_TARGETS = tuple(
-    target
-    for module in (
-        hint_middleware,
-        request_checks,
-        stats_endpoint,
-        prefetch_hold,
-        cpu_host_tier,
-        workflow_endpoints,
-        idle_integrity,
-        link_emulation,
-    )
-    for target in module.TARGETS
+    target for module in (*HOOK_PATCHES, hint_middleware, link_emulation) for target in module.TARGETS
 )
 
 _active: list[str] = []
