@@ -14,7 +14,7 @@ latest value wins). Otherwise it is inferred as the longest prefix the agent's
 requests have consistently shared: the first request only records its prompt;
 each later one moves the boundary to the common prefix of that record and its
 own prompt, so the boundary never grows past what really repeats. The record
-keeps at most :data:`MAX_REFERENCE_TOKENS` tokens (4 bytes each), so tracked
+keeps at most :data:`MAX_REFERENCE_TOKENS` tokens (8 bytes each), so tracked
 state stays bounded: at most ``max_agents`` agents over all workflows, each
 with one such record (past the cap the least recently hinted workflows go first).
 """
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from kvflow.config import KVFlowConfig
 from kvflow.hints import MAX_STEPS_ENTRIES, MAX_STEPS_VALUE, WorkflowHint
 
 MAX_REFERENCE_TOKENS = 16384
@@ -122,7 +123,7 @@ class WorkflowTable:
         ttl: float,
         max_workflows: int,
         clock: Callable[[], float] = time.monotonic,
-        max_agents: int = 32768,
+        max_agents: int = KVFlowConfig.max_tracked_agents,
     ) -> None:
         self.ttl = ttl
         self.max_workflows = max_workflows

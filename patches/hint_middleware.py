@@ -20,7 +20,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from kvflow.hints import KV_HINTS_ACTION_TYPE, TRANSPORT_KEY, HintError, WorkflowHint, parse_hint, transport
+from kvflow.hints import (
+    KV_HINTS_ACTION_TYPE,
+    TRANSPORT_KEY,
+    HintError,
+    WorkflowHint,
+    check_fixed_prefix_len,
+    parse_hint,
+    transport,
+)
 from kvflow.workflow_registry import RequestTracker
 
 TARGETS = ("sglang.srt.entrypoints.http_server.app",)
@@ -103,18 +111,20 @@ def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], Workflo
         return None
     lens = _prompt_lens(body, path, len(holders), per_prompt)
     hinted: list[tuple[dict, WorkflowHint]] = []
+    shared: dict[str, WorkflowHint] = {}  # a hint given for every prompt, parsed once
     for i, (found, raw) in enumerate(own):
         holder_name = f"sampling_params[{i}]" if per_prompt else "sampling_params"
-        if top is not None:
-            raw_hint, where = top
+        if top is not None or (not found and envelope is not None):
+            raw_hint, where = top if top is not None else envelope
+            if where not in shared:
+                shared[where] = parse_hint(raw_hint, prefix=where)
+            hint = shared[where]
+            check_fixed_prefix_len(hint.fixed_prefix_len, lens[i], where)
         elif found:
             where = f"{holder_name}.custom_params.kvflow" if path == GENERATE_PATH else "custom_params.kvflow"
-            raw_hint = raw
-        elif envelope is not None:
-            raw_hint, where = envelope
+            hint = parse_hint(raw, prompt_len=lens[i], prefix=where)
         else:
             continue
-        hint = parse_hint(raw_hint, prompt_len=lens[i], prefix=where)
         holder = holders[i]
         if holder is None and not per_prompt:
             holder = body["sampling_params"] = {}

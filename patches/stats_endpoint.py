@@ -19,6 +19,7 @@ import json
 
 from fastapi import Request
 from fastapi.responses import ORJSONResponse
+from kvflow.patches.workflow_endpoints import error_response
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvflow.stats_query import QUERY_RID_PREFIX, QueryError, StatsQuery, parse_query
@@ -55,9 +56,7 @@ async def kvflow_stats(request: Request) -> ORJSONResponse:
     try:
         query = parse_query(request.query_params)
     except QueryError as error:
-        message = str(error).encode("utf-8", "backslashreplace").decode("utf-8")
-        content = {"object": "error", "message": message, "type": "BadRequestError", "param": error.param}
-        return ORJSONResponse(status_code=400, content={**content, "code": 400})
+        return error_response(400, str(error), error.param, "BadRequestError")
     manager = _global_state.tokenizer_manager
     manager.auto_create_handle_loop()
     rid = None if query is None else QUERY_RID_PREFIX + json.dumps(query.__dict__)

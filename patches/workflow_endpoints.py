@@ -149,7 +149,8 @@ def _printable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _error(status: int, message: str, param: str | None, kind: str) -> ORJSONResponse:
+def error_response(status: int, message: str, param: str | None, kind: str) -> ORJSONResponse:
+    """kvflow's JSON error answer (OpenAI-style), safe for any client text it quotes."""
     content = {
         "object": "error",
         "message": _printable(message),
@@ -168,9 +169,9 @@ def _answers_registry_errors(
         try:
             return await handler(*args, **kwargs)
         except RegistryError as error:
-            return _error(error.status, str(error), error.param, type(error).__name__)
+            return error_response(error.status, str(error), error.param, type(error).__name__)
         except RecursionError:  # a document nested nearly as deep as the parser allows
-            return _error(400, "body: JSON nested too deeply", "body", "RegistryError")
+            return error_response(400, "body: JSON nested too deeply", "body", "RegistryError")
 
     return wrapper
 
@@ -217,7 +218,7 @@ async def delete_workflow(workflow_id: str) -> ORJSONResponse:
     registry_knew = _registry().end(workflow_id)
     cache_knew = await send_commands([{"op": "end", "workflow_id": workflow_id}])
     if not (registry_knew or cache_knew):
-        return _error(404, f"workflow {workflow_id!r} is not known", None, "WorkflowNotFound")
+        return error_response(404, f"workflow {workflow_id!r} is not known", None, "WorkflowNotFound")
     return ORJSONResponse({"workflow_id": workflow_id, "registry": registry_knew, "cache": cache_knew})
 
 
