@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) -m kvflow.demo
+	$(PY) -m kvflow.harness.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check kvflow patches benchmarks tests tools examples

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from kvflow.server_process import ServerProcess
+from kvflow.harness.server_process import ServerProcess
 
 PROBE = {"input_ids": list(range(10, 42)), "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
 NAMES = [f"{'n' * 200}{i:05d}" for i in range(1024)]

@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import requests
 
-from kvflow.server_process import ServerProcess
+from kvflow.harness.server_process import ServerProcess
 
 VOCAB = 262  # the embedded model's token ids
 FAR = 10**6

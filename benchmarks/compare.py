@@ -13,7 +13,7 @@ against each baseline, and PNG plots. Configurations:
 - ``kvflow``: kvflow's workflow-aware eviction, device pool only;
 - ``kvflow-hicache``: kvflow's eviction on both tiers;
 - ``kvflow-mru``, ``kvflow-hicache-mru``: the same with the ``mru`` tie-break among equal steps
-  (``--radix-eviction-policy-config '{"tie_break": "mru"}'``, see ``kvflow.eviction``);
+  (``--radix-eviction-policy-config '{"tie_break": "mru"}'``, see ``kvflow.cache.eviction``);
 - ``ideal``: stock LRU with a pool large enough to keep every prompt.
 
 With ``--one-at-a-time`` servers run one after another instead of side by side
@@ -38,7 +38,7 @@ import requests
 
 from benchmarks.run import run_workload
 from benchmarks.workloads import WORKLOADS, Workload
-from kvflow.server_process import ServerProcess
+from kvflow.harness.server_process import ServerProcess
 
 HICACHE_FLAG = "--enable-hierarchical-cache"
 MRU_TIES = ["--radix-eviction-policy-config", json.dumps({"tie_break": "mru"})]

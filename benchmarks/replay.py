@@ -23,9 +23,8 @@ from pathlib import Path
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from benchmarks.workloads import Call, Workload, branching, concurrent, cyclic_loop, realistic, sequential
-from kvflow.hints import WorkflowHint
-from kvflow.offline import CacheDriver
-from kvflow.workflows import common_prefix_len
+from kvflow.harness.offline import CacheDriver
+from kvflow.hints import WorkflowHint, common_prefix_len
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def _outputs(call: Call, index: int) -> list[int]:
 def replay_cache(workload: Workload, capacity: int, policy: str, tie_break: str = "lru") -> int:
     """Fixed-prompt tokens recomputed when replaying through a real cache.
 
-    ``tie_break`` is the kvflow policy's (see :mod:`kvflow.eviction`); stock policies ignore it.
+    ``tie_break`` is the kvflow policy's (see :mod:`kvflow.cache.eviction`); stock policies ignore it.
     """
     hinted = policy == "kvflow"
     if hinted:

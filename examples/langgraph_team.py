@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         result = run_team(args.url, args.task, args.rounds, args.api_key)
     else:
-        from kvflow.server_process import ServerProcess
+        from kvflow.harness.server_process import ServerProcess
 
         print("starting a kvflow server on the embedded model ...", flush=True)
         with ServerProcess([]) as server:

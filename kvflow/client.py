@@ -39,7 +39,7 @@ from urllib.parse import quote
 import httpx
 
 from kvflow.graph import AgentStepGraph
-from kvflow.workflows import common_prefix_len
+from kvflow.hints import common_prefix_len
 
 DEFAULT_MODEL = "default"
 SYSTEM_ROLES = ("system", "developer")

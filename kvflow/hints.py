@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,3 +181,12 @@ def decode_transport(custom_params: Any) -> WorkflowHint | None:
         return parse_hint(json.loads(encoded))
     except (ValueError, RecursionError):  # HintError and JSONDecodeError are ValueErrors
         return None
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -24,7 +24,7 @@ from kvflow.config import KVFlowConfig
 EMBEDDED_MODEL_PATH = str(Path(__file__).resolve().parent / "model")
 PLUGIN_NAME = "kvflow"
 CACHE_BACKEND_NAME = "kvflow"  # kvflow.cache.CACHE_BACKEND_NAME, without importing SGLang early
-POLICY_NAME = "kvflow"  # kvflow.eviction.POLICY_NAME
+POLICY_NAME = "kvflow"  # kvflow.cache.eviction.POLICY_NAME
 
 # Defaults for SGLang's CPU engine (see ../shared/KVFLOW.md section 6), each
 # applied only when the user did not pass the flag.
@@ -112,7 +112,7 @@ def eviction_config_error(argv: list[str]) -> str | None:
     raw = flag_value(argv, "--radix-eviction-policy-config")
     if raw is None or flag_value(argv, "--radix-eviction-policy") != POLICY_NAME:
         return None
-    from kvflow.eviction import WorkflowAwareStrategy
+    from kvflow.cache.eviction import WorkflowAwareStrategy
 
     try:
         config = json.loads(raw)

@@ -25,9 +25,9 @@ def load() -> None:
     )
 
     from kvflow import patches
-    from kvflow.cache import CACHE_BACKEND_NAME, workflow_cache_factory
-    from kvflow.eviction import register_eviction_policy
-    from kvflow.tree_core import register_tree_core
+    from kvflow.cache.eviction import register_eviction_policy
+    from kvflow.cache.radix_cache import CACHE_BACKEND_NAME, workflow_cache_factory
+    from kvflow.cache.tree_core import register_tree_core
 
     patches.check_sglang_version()
     register_eviction_policy()

@@ -10,7 +10,7 @@ found wins: a top-level ``kvflow`` object; ``custom_params.kvflow`` (OpenAI
 endpoints; ``sampling_params.custom_params.kvflow`` on ``/generate``); a
 ``kv_hints`` action with ``action_type`` ``"kvflow"`` (``/generate``).
 Requests without a hint pass through byte for byte. For registered and learned
-workflows the workflow registry (:mod:`kvflow.workflow_registry`) fills in the
+workflows the workflow registry (:mod:`kvflow.frontend.registry`) fills in the
 hint's steps, and the end of the response marks the agent finished.
 """
 
@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from kvflow.frontend.registry import Finish, active_registry
 from kvflow.hints import (
     KV_HINTS_ACTION_TYPE,
     TRANSPORT_KEY,
@@ -29,7 +30,6 @@ from kvflow.hints import (
     parse_hint,
     transport,
 )
-from kvflow.workflow_registry import RequestTracker
 
 TARGETS = ("sglang.srt.entrypoints.http_server.app",)
 GENERATE_PATH = "/generate"
@@ -142,6 +142,57 @@ def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], Workflo
             custom = holder["custom_params"] = {}
         custom.update(transport(hint))
     return body
+
+
+class RequestTracker:
+    """Per-request glue between the hint middleware and the active registry.
+
+    :meth:`begin` completes a hint of the request (a batch ``/generate`` has
+    one per prompt); :meth:`run` calls the ASGI app and reports the end of the
+    response (the last ``http.response.body`` message, or the app returning
+    without one) back to the registry, before the final body reaches the client.
+    """
+
+    def __init__(self) -> None:
+        self._finishes: list[Finish] = []
+
+    def begin(self, hint: WorkflowHint) -> WorkflowHint:
+        """The hint with the registry's steps filled in (unchanged without a registry)."""
+        registry = active_registry()
+        if registry is None:
+            return hint
+        hint, finish = registry.begin_request(hint)
+        if finish is not None:
+            self._finishes.append(finish)
+        return hint
+
+    def abandon(self) -> None:
+        """The request is refused before reaching SGLang: undo every :meth:`begin`."""
+        self._end(False)
+
+    async def run(self, app, scope, receive, send) -> None:
+        """``await app(scope, receive, send)``, reporting the end of the response."""
+        if not self._finishes:
+            return await app(scope, receive, send)
+        status = 500
+
+        async def tracked_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                self._end(status < 400)
+            await send(message)
+
+        try:
+            await app(scope, receive, tracked_send)
+        finally:
+            self._end(False)
+
+    def _end(self, ok: bool) -> None:
+        finishes, self._finishes = self._finishes, []
+        for finish in finishes:
+            finish(ok)
 
 
 class HintMiddleware:

@@ -1,7 +1,7 @@
 """Patch: hold back waiting requests whose prompt is still being prefetched.
 
 Target: ``Scheduler.get_new_batch_prefill`` (an AROUND hook). While a kvflow
-prefetch (``kvflow.prefetch``) is in flight, its nodes already carry device
+prefetch (``kvflow.cache.prefetch``) is in flight, its nodes already carry device
 indices but their KV has not landed. Requests whose prompt runs through them
 are taken out of the waiting queue for this scheduling pass and put back at its
 head afterwards, so they are neither dispatched on unfinished KV nor trigger a

@@ -7,7 +7,7 @@ Targets:
   ``GET | PATCH | DELETE /kvflow/workflows/{workflow_id}`` (inspect, move the
   frontier, end). They are plain routes, so SGLang's ``--api-key`` middleware
   guards them like ``/generate``. The registry they manage lives in the HTTP
-  process (:mod:`kvflow.workflow_registry`); the hint middleware asks it to
+  process (:mod:`kvflow.frontend.registry`); the hint middleware asks it to
   complete every hinted request.
 * ``SchedulerInternalStateController.set_internal_state`` (an AROUND hook in
   the scheduler process): the cache lives in the scheduler, and SGLang's
@@ -34,8 +34,8 @@ from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvflow.config import KVFlowConfig
-from kvflow.graph_learning import GraphLearner
-from kvflow.workflow_registry import RegistryError, WorkflowRegistry, activate, active_registry
+from kvflow.frontend.graph_learning import GraphLearner
+from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate, active_registry
 
 TARGETS = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.set_internal_state",

@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from kvflow.cache import WorkflowRadixCache
+from kvflow.cache.radix_cache import WorkflowRadixCache
+from kvflow.cache.workflow_table import OVER_BUDGET_OFFSET
 from kvflow.config import KVFlowConfig
+from kvflow.harness.offline import CacheDriver
 from kvflow.hints import MAX_STEPS_ENTRIES, WorkflowHint
-from kvflow.offline import CacheDriver
 from kvflow.stats_query import StatsQuery
-from kvflow.workflows import OVER_BUDGET_OFFSET
 
 
 def prompt(workflow: int, agent: int, length: int = 20) -> list[int]:

@@ -10,8 +10,8 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow.config import KVFlowConfig
+from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
-from kvflow.offline import CacheDriver
 
 SYSTEM = list(range(1, 31))  # a 30-token system prompt shared by every agent
 

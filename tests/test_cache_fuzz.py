@@ -1,7 +1,7 @@
 """Hostile input for WorkflowRadixCache: random interleavings of every cache operation, offline.
 
 Two Hypothesis state machines run at page sizes 1, 4 and 16 and call
-:func:`kvflow.integrity.check_integrity` after every step. Prompts are drawn
+:func:`kvflow.cache.integrity.check_integrity` after every step. Prompts are drawn
 from a small alphabet of shared segments, so prefixes are shared and nodes
 split at every depth, page-aligned or not. Besides the integrity invariants
 they carry over the randomized checks of SGLang's own ``UnifiedRadixCache``
@@ -31,10 +31,10 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Mat
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
+from kvflow.cache.integrity import check_integrity, check_pool_accounting
+from kvflow.cache.workflow_table import AgentState, WorkflowTable
+from kvflow.harness.offline import CacheDriver
 from kvflow.hints import MAX_STEPS_VALUE, WorkflowHint
-from kvflow.integrity import check_integrity, check_pool_accounting
-from kvflow.offline import CacheDriver
-from kvflow.workflows import AgentState, WorkflowTable
 
 PAGE_SIZES = (1, 4, 16)
 POOL = 96  # tokens: two of the longest prompts at page size 16

@@ -15,7 +15,7 @@ import requests
 import torch
 
 from kvflow import patches
-from kvflow.server_process import ServerProcess
+from kvflow.harness.server_process import ServerProcess
 
 cpu_host_tier = patches.cpu_host_tier
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from kvflow.server_process import ServerProcess
+from kvflow.harness.server_process import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

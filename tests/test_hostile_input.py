@@ -9,9 +9,9 @@ import json
 import pytest
 from kvflow.patches.hint_middleware import HintMiddleware, rewrite_body
 
+from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate
 from kvflow.hints import MAX_STEPS_ENTRIES, SEAL_KEY, HintError, WorkflowHint, check_transport, parse_hint
 from kvflow.stats_query import QueryError, StatsQuery, parse_query
-from kvflow.workflow_registry import RegistryError, WorkflowRegistry, activate
 
 GOOD = {"workflow_id": "w", "agent_id": "a"}
 CYCLE = {

@@ -27,8 +27,8 @@ import requests
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+from kvflow.harness.server_process import ServerProcess
 from kvflow.hints import MAX_ID_LEN, MAX_STEPS_ENTRIES, MAX_STEPS_VALUE
-from kvflow.server_process import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -23,9 +23,9 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 
 from kvflow import patches
 from kvflow.config import CONFIG_ENV
-from kvflow.demo import VOCAB, cyclic_steps, fixed_prompts
+from kvflow.harness.demo import VOCAB, cyclic_steps, fixed_prompts
+from kvflow.harness.server_process import ServerProcess
 from kvflow.launch_server import EMBEDDED_MODEL_PATH
-from kvflow.server_process import ServerProcess
 
 link_emulation = patches.link_emulation
 

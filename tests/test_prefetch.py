@@ -8,9 +8,9 @@ from kvflow.patches.prefetch_hold import _hold_prefetching
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
+from kvflow.cache.prefetch import Prefetcher, PrefetchRecord
+from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
-from kvflow.offline import CacheDriver
-from kvflow.prefetch import Prefetcher, PrefetchRecord
 
 
 def prompt(index: int, length: int = 20) -> list[int]:

@@ -6,8 +6,8 @@ import pytest
 import requests
 
 from kvflow import patches
-from kvflow.demo import hit_rate, optimum_hit_rate, pool_tokens, run_cyclic_workflow
-from kvflow.server_process import ServerProcess
+from kvflow.harness.demo import hit_rate, optimum_hit_rate, pool_tokens, run_cyclic_workflow
+from kvflow.harness.server_process import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,8 @@ import requests
 
 from benchmarks.run import run_workload
 from benchmarks.workloads import concurrent
-from kvflow.demo import run_cyclic_workflow
-from kvflow.server_process import ServerProcess
+from kvflow.harness.demo import run_cyclic_workflow
+from kvflow.harness.server_process import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

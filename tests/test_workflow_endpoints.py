@@ -20,9 +20,9 @@ import pytest
 import requests
 
 from kvflow.client import AsyncWorkflow, KVFlowError, Workflow
-from kvflow.demo import Invocation, cyclic_steps, fixed_prompts, hit_rate, pool_tokens
 from kvflow.graph import AgentStepGraph
-from kvflow.server_process import ServerProcess
+from kvflow.harness.demo import Invocation, cyclic_steps, fixed_prompts, hit_rate, pool_tokens
+from kvflow.harness.server_process import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -6,21 +6,20 @@ import asyncio
 import random
 
 import pytest
-from kvflow.patches.hint_middleware import HintMiddleware, rewrite_body
+from kvflow.patches.hint_middleware import HintMiddleware, RequestTracker, rewrite_body
 
-from kvflow.demo import cyclic_steps, fixed_prompts, optimum_hit_rate
-from kvflow.graph_learning import FAR, GraphLearner, TransitionModel, workflow_type
-from kvflow.hints import HintError, WorkflowHint, decode_transport
-from kvflow.offline import CacheDriver
-from kvflow.workflow_registry import (
+from kvflow.frontend.graph_learning import FAR, GraphLearner, TransitionModel, workflow_type
+from kvflow.frontend.registry import (
     RegistryError,
     RegistryFull,
-    RequestTracker,
     WorkflowConflict,
     WorkflowNotFound,
     WorkflowRegistry,
     activate,
 )
+from kvflow.harness.demo import cyclic_steps, fixed_prompts, optimum_hit_rate
+from kvflow.harness.offline import CacheDriver
+from kvflow.hints import HintError, WorkflowHint, decode_transport
 
 CYCLE = {
     "agents": [{"id": "planner"}, {"id": "executor"}, {"id": "reviewer"}],

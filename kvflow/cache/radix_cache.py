@@ -5,7 +5,7 @@ updates the workflow's steps, and gives the agent ownership of the node where
 its fixed prompt ends (splitting a node so that the boundary exists). After the
 request's KV is inserted it claims the boundary again, since the prompt may
 only now be in the tree. Eviction order itself lives in
-:class:`kvflow.eviction.WorkflowAwareStrategy`, applied by the tree core on
+:class:`kvflow.cache.eviction.WorkflowAwareStrategy`, applied by the tree core on
 both tiers. All methods run on the scheduler thread, like SGLang's own.
 """
 
@@ -24,13 +24,13 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_unified_radix_cache
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvflow import ownership
+from kvflow.cache import ownership
+from kvflow.cache.prefetch import Prefetcher
+from kvflow.cache.tree_core import TREE_CORE_NAME
+from kvflow.cache.workflow_table import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint, decode_transport
-from kvflow.prefetch import Prefetcher
 from kvflow.stats_query import StatsQuery
-from kvflow.tree_core import TREE_CORE_NAME
-from kvflow.workflows import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 
 CACHE_BACKEND_NAME = "kvflow"
 

@@ -14,11 +14,11 @@ request of agent ``x`` arrives, ``x`` runs, and the finish (or declared run)
 of every agent ``x`` is reachable from is consumed: the workflow has moved
 past it. When the response has been sent, ``x`` is finished. Steps are
 ``graph.steps_to_execution(running, finished)``; agents the graph says will
-not run again get :data:`~kvflow.graph_learning.FAR`, so stale values never
+not run again get :data:`~kvflow.frontend.graph_learning.FAR`, so stale values never
 linger in the cache. Explicit ``steps_to_execution`` in a request override
 the derived value of each agent they name.
 
-**Unregistered workflows** get steps from the :class:`~kvflow.graph_learning.GraphLearner`
+**Unregistered workflows** get steps from the :class:`~kvflow.frontend.graph_learning.GraphLearner`
 when the server runs with ``--kvflow-learn-graph``, and are passed through
 unchanged otherwise.
 
@@ -36,8 +36,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kvflow.frontend.graph_learning import FAR, GraphLearner
 from kvflow.graph import MAX_AGENTS, AgentStepGraph, GraphError
-from kvflow.graph_learning import FAR, GraphLearner
 from kvflow.hints import MAX_STEPS_ENTRIES, HintError, WorkflowHint, id_error
 
 _MEMO_SIZE = 32  # frontiers whose steps are kept per workflow (a cycle revisits the same few)
@@ -428,54 +428,3 @@ def activate(registry: WorkflowRegistry | None) -> None:
 def active_registry() -> WorkflowRegistry | None:
     """The registry of this process, if the workflow endpoints are installed."""
     return _active
-
-
-class RequestTracker:
-    """Per-request glue between the hint middleware and the active registry.
-
-    :meth:`begin` completes a hint of the request (a batch ``/generate`` has
-    one per prompt); :meth:`run` calls the ASGI app and reports the end of the
-    response (the last ``http.response.body`` message, or the app returning
-    without one) back to the registry, before the final body reaches the client.
-    """
-
-    def __init__(self) -> None:
-        self._finishes: list[Finish] = []
-
-    def begin(self, hint: WorkflowHint) -> WorkflowHint:
-        """The hint with the registry's steps filled in (unchanged without a registry)."""
-        registry = active_registry()
-        if registry is None:
-            return hint
-        hint, finish = registry.begin_request(hint)
-        if finish is not None:
-            self._finishes.append(finish)
-        return hint
-
-    def abandon(self) -> None:
-        """The request is refused before reaching SGLang: undo every :meth:`begin`."""
-        self._end(False)
-
-    async def run(self, app, scope, receive, send) -> None:
-        """``await app(scope, receive, send)``, reporting the end of the response."""
-        if not self._finishes:
-            return await app(scope, receive, send)
-        status = 500
-
-        async def tracked_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                self._end(status < 400)
-            await send(message)
-
-        try:
-            await app(scope, receive, tracked_send)
-        finally:
-            self._end(False)
-
-    def _end(self, ok: bool) -> None:
-        finishes, self._finishes = self._finishes, []
-        for finish in finishes:
-            finish(ok)

@@ -26,7 +26,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 
-from kvflow.workflows import AgentState
+from kvflow.cache.workflow_table import AgentState
 
 
 @dataclass

@@ -30,7 +30,7 @@ from itertools import islice
 from typing import Any
 
 from kvflow.config import KVFlowConfig
-from kvflow.hints import MAX_STEPS_ENTRIES, MAX_STEPS_VALUE, WorkflowHint
+from kvflow.hints import MAX_STEPS_ENTRIES, MAX_STEPS_VALUE, WorkflowHint, common_prefix_len
 
 MAX_REFERENCE_TOKENS = 16384
 # Added to the steps of an over-budget agent: ranks it farther than any in-budget agent.
@@ -104,15 +104,6 @@ def _token_record(prompt: Sequence[int]) -> array:
         return array("q", prompt[:MAX_REFERENCE_TOKENS])
     except OverflowError:
         return array("q")
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class WorkflowTable:

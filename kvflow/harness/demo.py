@@ -1,6 +1,6 @@
 """The main job: serve a cyclic multi-agent workflow with kvflow and with LRU, compare hits.
 
-``python -m kvflow.demo`` starts ``kvflow.launch_server`` on the embedded
+``python -m kvflow.harness.demo`` starts ``kvflow.launch_server`` on the embedded
 model twice, one after the other with identical pools (once with kvflow's
 eviction, once with ``--radix-eviction-policy lru``), drives the same cyclic
 workflow through ``/generate`` with kvflow hints, and prints how often each
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import requests
 
-from kvflow.server_process import ServerProcess
+from kvflow.harness.server_process import ServerProcess
 
 VOCAB = 256  # byte tokens of the embedded model
 

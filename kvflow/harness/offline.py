@@ -6,7 +6,7 @@ from real ``CacheInitParams``; :meth:`serve` matches a prompt, evicts what the
 allocator lacks, allocates the rest and inserts the sequence, like a finished
 request. After every step it checks SGLang's accounting invariant (available +
 evictable + protected == pool size) and, for a ``WorkflowRadixCache``, the
-rest of :func:`kvflow.integrity.check_integrity`.
+rest of :func:`kvflow.cache.integrity.check_integrity`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvflow.cache import WorkflowRadixCache
-from kvflow.eviction import register_eviction_policy
+from kvflow.cache.eviction import register_eviction_policy
+from kvflow.cache.integrity import check_integrity, check_pool_accounting
+from kvflow.cache.radix_cache import WorkflowRadixCache
+from kvflow.cache.tree_core import register_tree_core
 from kvflow.hints import WorkflowHint
-from kvflow.integrity import check_integrity, check_pool_accounting
-from kvflow.tree_core import register_tree_core
 
 
 class RecordingAllocator(TokenToKVPoolAllocator):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvflow.workflows import AgentState
+from kvflow.cache.workflow_table import AgentState
 
 
 def init_node(node: Any) -> None:

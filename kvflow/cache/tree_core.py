@@ -18,7 +18,7 @@ from sglang.srt.mem_cache.unified_cache.tree_core_registry import (
 )
 from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
 
-from kvflow import ownership
+from kvflow.cache import ownership
 
 TREE_CORE_NAME = "kvflow"
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-    from kvflow.cache import WorkflowRadixCache
-    from kvflow.workflows import AgentState
+    from kvflow.cache.radix_cache import WorkflowRadixCache
+    from kvflow.cache.workflow_table import AgentState
 
 
 def check_pool_accounting(cache: UnifiedRadixCache) -> None:

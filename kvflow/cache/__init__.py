@@ -1,0 +1,9 @@
+"""The scheduler side: kvflow's radix cache and everything it ranks and loads by.
+
+Runs in SGLang's scheduler process (one per rank), on the scheduler thread:
+``radix_cache`` (the cache class SGLang builds), ``workflow_table`` (what the
+hints say about each workflow: steps merged here), ``ownership`` (each node's
+most urgent owner below it), ``eviction`` (the order SGLang evicts in),
+``tree_core`` (the radix tree's own bookkeeping), ``prefetch`` (what is loaded
+from the host tier next) and ``integrity`` (the invariants all of them keep).
+"""

@@ -1,0 +1,7 @@
+"""The HTTP side: what kvflow knows about workflows before a request reaches a scheduler.
+
+Runs in SGLang's HTTP server process (where the tokenizer manager lives):
+``registry`` (registered workflow graphs and where each one stands: steps
+computed here for registered workflows) and ``graph_learning`` (steps
+predicted from the transitions seen, for workflows sent without a graph).
+"""
