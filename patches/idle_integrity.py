@@ -4,9 +4,9 @@ Target: ``SchedulerInvariantChecker._check_tree_cache`` (an AFTER hook in the
 scheduler process). SGLang calls it on every idle pass, after its pool
 accounting check, and runs its own tree check there only with
 ``SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK`` (on by default in SGLang's CI). With
-that flag this hook also runs :func:`kvflow.cache.integrity.check_ownership` on the
-kvflow cache: every cached subtree minimum recomputed, every owner's back-link.
-A violation raises in the scheduler, as SGLang's own strict checks do.
+that flag this hook also runs the kvflow cache's ``check_ownership()``: every
+cached subtree minimum recomputed, every owner's back-link. A violation raises
+in the scheduler, as SGLang's own strict checks do.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ TARGETS = (
 
 
 def _check_ownership(result, checker, *args, **kwargs):
-    from kvflow.cache.integrity import check_ownership
     from kvflow.cache.radix_cache import WorkflowRadixCache
 
     if envs.SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK.get() and isinstance(
         checker.tree_cache, WorkflowRadixCache
     ):
-        check_ownership(checker.tree_cache)
+        checker.tree_cache.check_ownership()
     return result
 
 

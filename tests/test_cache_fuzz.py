@@ -1,7 +1,7 @@
 """Hostile input for WorkflowRadixCache: random interleavings of every cache operation, offline.
 
 Two Hypothesis state machines run at page sizes 1, 4 and 16 and call
-:func:`kvflow.cache.integrity.check_integrity` after every step. Prompts are drawn
+the cache's ``check_integrity()`` after every step. Prompts are drawn
 from a small alphabet of shared segments, so prefixes are shared and nodes
 split at every depth, page-aligned or not. Besides the integrity invariants
 they carry over the randomized checks of SGLang's own ``UnifiedRadixCache``
@@ -31,7 +31,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Mat
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvflow.cache.integrity import check_integrity, check_pool_accounting
+from kvflow.cache.integrity import check_pool_accounting
 from kvflow.cache.workflow_table import AgentState, WorkflowTable
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import MAX_STEPS_VALUE, WorkflowHint
@@ -76,7 +76,7 @@ def test_a_prompt_shorter_than_the_fixed_prefix_neither_raises_nor_moves_the_bou
     shorter = first[:6]
     driver.serve(shorter, WorkflowHint("wf", "a"))  # no fixed_prefix_len: the boundary stays 8
     driver.cache.claim(agent, shorter)
-    check_integrity(driver.cache)
+    driver.cache.check_integrity()
     assert agent.fixed_prefix_len == 8
     assert agent.node is None or _depth(agent.node) == 8
 
@@ -94,12 +94,12 @@ def test_a_newer_hint_observed_before_an_older_requests_claim_neither_raises_nor
     assert cache.observe_hint(WorkflowHint("wf", "a", 12), request2) is agent
     driver.serve(request1)
     cache.claim(agent, request1)  # request 1's claim once its KV is in the tree
-    check_integrity(cache)
+    cache.check_integrity()
     assert agent.fixed_prefix_len == 12
     assert agent.node is None or _depth(agent.node) == 12
     driver.serve(request2)
     cache.claim(agent, request2)
-    check_integrity(cache)
+    cache.check_integrity()
     assert _depth(agent.node) == 12
 
 
@@ -213,7 +213,7 @@ class WorkflowCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def integrity(self) -> None:
-        check_integrity(self.cache)
+        self.cache.check_integrity()
         page = self.side.page
         for agent in self._tracked():
             if agent.node is not None and agent.node is not self.owned.get(agent):
@@ -300,7 +300,7 @@ class StockLRUMachine(RuleBasedStateMachine):
 
     @invariant()
     def same_as_stock(self) -> None:
-        check_integrity(self.ours.cache)
+        self.ours.cache.check_integrity()
         check_pool_accounting(self.stock.cache)
         ours, stock = self.ours.driver, self.stock.driver
         assert ours.allocator.available_size() == stock.allocator.available_size()

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from array import array
 from types import SimpleNamespace
 
 from kvflow.patches.prefetch_hold import _hold_prefetching
+from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.sampling.sampling_params import SamplingParams
 
 from kvflow.cache.prefetch import Prefetcher, PrefetchRecord
+from kvflow.cache.request_state import request_state
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
 
 
 def prompt(index: int, length: int = 20) -> list[int]:
     return [1000 * (index + 1) + j for j in range(length)]
+
+
+def request(tokens: list[int]) -> Req:
+    """A real SGLang request for ``tokens`` (no hint)."""
+    return Req(f"r{tokens[0]}", "", array("i", tokens), SamplingParams(max_new_tokens=1))
 
 
 def fill(driver: CacheDriver, steps: dict[str, int]) -> dict:
@@ -57,23 +66,16 @@ def test_requests_through_a_pending_load_are_held_and_put_back_in_order_even_whe
     assert prefetcher.blocks(RadixKey(prompt(0) + [5, 5]))
     assert not prefetcher.blocks(RadixKey(prompt(1) + [5, 5]))
 
-    class Req:
-        def __init__(self, tokens):
-            self.tokens = tokens
-
-    class Scheduler:
-        def __init__(self):
-            self.tree_cache = type(
-                "Cache", (), {"kvflow_blocks": lambda _, r: prefetcher.blocks(RadixKey(r.tokens))}
-            )()
-            self.waiting_queue = [Req(prompt(1)), Req(prompt(0)), Req(prompt(2))]
-
-    scheduler = Scheduler()
+    driver.cache.prefetcher = prefetcher
+    # SGLang's scheduler lends the hook only its tree cache and waiting queue.
+    scheduler = SimpleNamespace(
+        tree_cache=driver.cache, waiting_queue=[request(prompt(1)), request(prompt(0)), request(prompt(2))]
+    )
     queue = scheduler.waiting_queue
     seen = []
-    _hold_prefetching(lambda s: seen.extend(r.tokens[0] for r in s.waiting_queue), scheduler)
+    _hold_prefetching(lambda s: seen.extend(r.origin_input_ids[0] for r in s.waiting_queue), scheduler)
     assert seen == [prompt(1)[0], prompt(2)[0]]  # the held request was not offered
-    assert scheduler.waiting_queue is queue and [r.tokens[0] for r in queue] == [
+    assert scheduler.waiting_queue is queue and [r.origin_input_ids[0] for r in queue] == [
         prompt(0)[0],
         prompt(1)[0],
         prompt(2)[0],
@@ -84,7 +86,7 @@ def test_requests_through_a_pending_load_are_held_and_put_back_in_order_even_whe
         s.waiting_queue = s.waiting_queue[1:]
 
     _hold_prefetching(dispatch_first, scheduler)
-    assert [r.tokens[0] for r in scheduler.waiting_queue] == [prompt(0)[0], prompt(2)[0]]
+    assert [r.origin_input_ids[0] for r in scheduler.waiting_queue] == [prompt(0)[0], prompt(2)[0]]
     prefetcher.records[id(agents["a"])].done = True
     assert not prefetcher.blocks(RadixKey(prompt(0)))
 
@@ -132,11 +134,10 @@ def test_a_held_request_is_counted_once_and_its_prefetch_is_late_even_if_done_wh
     agent = agents["a"]
     prefetcher.records[id(agent)] = PrefetchRecord(agent, agent.node, [agent.node], 20)
 
-    req = SimpleNamespace(origin_input_ids=prompt(0) + [5], extra_key=None, cache_salt=None)
-    other = SimpleNamespace(origin_input_ids=prompt(1) + [5], extra_key=None, cache_salt=None)
+    req, other = request(prompt(0) + [5]), request(prompt(1) + [5])
     assert cache.kvflow_blocks(req) and cache.kvflow_blocks(req)  # two scheduling passes
     assert not cache.kvflow_blocks(other)
-    assert prefetcher.counters.held == 1 and req.kvflow_held and not hasattr(other, "kvflow_held")
+    assert prefetcher.counters.held == 1 and request_state(req).held and not request_state(other).held
     prefetcher.records[id(agent)].done = True  # acknowledged: the request is matched only now
     assert not cache.kvflow_blocks(req)
     prefetcher.on_admit(agent, held=True)

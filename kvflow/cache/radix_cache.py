@@ -24,15 +24,17 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_unified_radix_cache
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvflow.cache import ownership
+from kvflow import NAME
+from kvflow.cache import integrity, ownership
 from kvflow.cache.prefetch import Prefetcher
+from kvflow.cache.request_state import request_state
 from kvflow.cache.tree_core import TREE_CORE_NAME
 from kvflow.cache.workflow_table import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint, decode_transport
 from kvflow.stats_query import StatsQuery
 
-CACHE_BACKEND_NAME = "kvflow"
+CACHE_BACKEND_NAME = NAME
 
 
 class WorkflowRadixCache(UnifiedRadixCache):
@@ -73,38 +75,41 @@ class WorkflowRadixCache(UnifiedRadixCache):
             return False
         key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
         blocked = self.prefetcher.blocks(key)
-        if blocked and not getattr(req, "kvflow_held", False):
-            req.kvflow_held = True
+        state = request_state(req)
+        if blocked and not state.held:
+            state.held = True
             self.prefetcher.counters.held += 1
         return blocked
 
     # ---- request lifecycle -------------------------------------------------
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
-        if params.req is not None and not hasattr(params.req, "kvflow_agent"):
+        if params.req is not None and not request_state(params.req).admitted:
             self._admit(params.req)
         return super().match_prefix(params)
 
     def checkpoint_into_tree(self, req: Req, *, up_to: int, **kwargs) -> None:
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
-        agent = getattr(req, "kvflow_agent", None)
+        state = request_state(req)
+        agent = state.agent
         # Only a request whose fixed prompt is still the agent's may move the agent's boundary.
-        if agent is not None and agent.steps is not None and req.kvflow_fixed_len == agent.fixed_prefix_len:
+        if agent is not None and agent.steps is not None and state.fixed_len == agent.fixed_prefix_len:
             self.claim(agent, req.origin_input_ids, req.extra_key, req.cache_salt)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        agent = getattr(req, "kvflow_agent", None)
+        state = request_state(req)
+        agent = state.agent
         if agent is None or not req.finished():
             return
         if isinstance(req.finished_reason, FINISH_ABORT):
             # Aborted (a client that disconnected): not an invocation, and the agent did not finish.
             self.kvflow_aborted_requests += 1
             return
-        device = getattr(req, "cached_tokens_device", None)
-        host = getattr(req, "cached_tokens_host", None) or 0
         for counters in (agent.counters, self.kvflow_totals):
-            counters.record(req.kvflow_fixed_len, req.cached_tokens, device, host)
+            counters.record(
+                state.fixed_len, req.cached_tokens, req.cached_tokens_device, req.cached_tokens_host
+            )
         self.agent_finished(agent)
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -115,16 +120,17 @@ class WorkflowRadixCache(UnifiedRadixCache):
 
     def _admit(self, req: Req) -> None:
         """Apply the request's hint (once per request)."""
-        req.kvflow_agent = None
+        state = request_state(req)
+        state.admitted = True
         hint = decode_transport(req.sampling_params.custom_params)
         if hint is None:
             return
         agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
         if agent is not None:
-            req.kvflow_agent = agent
-            req.kvflow_fixed_len = min(agent.fixed_prefix_len or 0, len(req.origin_input_ids))
+            state.agent = agent
+            state.fixed_len = min(agent.fixed_prefix_len or 0, len(req.origin_input_ids))
             if self.prefetcher is not None:
-                self.prefetcher.on_admit(agent, held=getattr(req, "kvflow_held", False))
+                self.prefetcher.on_admit(agent, held=state.held)
 
     def observe_hint(
         self,
@@ -227,7 +233,16 @@ class WorkflowRadixCache(UnifiedRadixCache):
             agent.over_budget = False
             ownership.release(agent)
 
-    # ---- observability -----------------------------------------------------
+    # ---- invariants and observability ----------------------------------------
+
+    def check_integrity(self) -> None:
+        """SGLang's pool accounting and tree checks, then kvflow's ownership bookkeeping
+        (:func:`kvflow.cache.integrity.check_integrity`); raises ``AssertionError``."""
+        integrity.check_integrity(self)
+
+    def check_ownership(self) -> None:
+        """kvflow's bookkeeping alone (what the server adds to SGLang's idle check)."""
+        integrity.check_ownership(self)
 
     def _resident_tokens(self, node: Any) -> int:
         """Device-resident tokens on the path from the root to ``node``."""

@@ -6,7 +6,7 @@ from real ``CacheInitParams``; :meth:`serve` matches a prompt, evicts what the
 allocator lacks, allocates the rest and inserts the sequence, like a finished
 request. After every step it checks SGLang's accounting invariant (available +
 evictable + protected == pool size) and, for a ``WorkflowRadixCache``, the
-rest of :func:`kvflow.cache.integrity.check_integrity`.
+rest of its ``check_integrity()``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from kvflow.cache.eviction import register_eviction_policy
-from kvflow.cache.integrity import check_integrity, check_pool_accounting
+from kvflow.cache.eviction import POLICY_NAME, register_eviction_policy
+from kvflow.cache.integrity import check_pool_accounting
 from kvflow.cache.radix_cache import WorkflowRadixCache
 from kvflow.cache.tree_core import register_tree_core
 from kvflow.hints import WorkflowHint
@@ -50,7 +50,7 @@ class CacheDriver:
 
     size: int
     cache_class: type = WorkflowRadixCache
-    policy: str = "kvflow"
+    policy: str = POLICY_NAME
     policy_config: dict | None = None
     page_size: int = 1
     allocator: BaseTokenToKVPoolAllocator = field(init=False)
@@ -78,9 +78,9 @@ class CacheDriver:
         self.cache = self.cache_class(params)
 
     def check_accounting(self) -> None:
-        """Pool accounting; the full :func:`check_integrity` for a ``WorkflowRadixCache``."""
+        """Pool accounting; for a ``WorkflowRadixCache``, its full ``check_integrity()``."""
         if isinstance(self.cache, WorkflowRadixCache):
-            check_integrity(self.cache)
+            self.cache.check_integrity()
         else:
             check_pool_accounting(self.cache)
 
