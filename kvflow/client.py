@@ -38,8 +38,9 @@ from urllib.parse import quote
 
 import httpx
 
+from kvflow import WORKFLOWS_ROUTE
 from kvflow.graph import AgentStepGraph
-from kvflow.hints import common_prefix_len
+from kvflow.hints import TRANSPORT_KEY, common_prefix_len
 
 DEFAULT_MODEL = "default"
 SYSTEM_ROLES = ("system", "developer")
@@ -99,7 +100,7 @@ class _WorkflowBase:
 
     @property
     def _path(self) -> str:
-        return f"/kvflow/workflows/{quote(self.workflow_id, safe='')}"
+        return f"{WORKFLOWS_ROUTE}/{quote(self.workflow_id, safe='')}"
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -174,14 +175,14 @@ class _WorkflowBase:
             **prompt,
             "sampling_params": dict(sampling_params or {}),
             **fields,
-            "kvflow": self.hint(agent_id, fixed_prefix_len),
+            TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len),
         }
 
     def _openai_kwargs(self, agent_id: str, fixed_prefix_len: int | None, kwargs: dict[str, Any]) -> dict:
         kwargs.setdefault("model", DEFAULT_MODEL)
         kwargs["extra_body"] = {
             **(kwargs.get("extra_body") or {}),
-            "kvflow": self.hint(agent_id, fixed_prefix_len),
+            TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len),
         }
         return kwargs
 
@@ -227,7 +228,7 @@ class Workflow(_WorkflowBase):
     def register(self) -> None:
         """Register the graph (once; a no-op without a graph)."""
         if not self._registered:
-            self._request("POST", "/kvflow/workflows", self._registration())
+            self._request("POST", WORKFLOWS_ROUTE, self._registration())
             self._registered = True
 
     def _resolve(self, plan: int | _Probe | None) -> int | None:
@@ -338,7 +339,7 @@ class AsyncWorkflow(_WorkflowBase):
         """Register the graph (once; a no-op without a graph)."""
         async with self._register_lock:
             if not self._registered:
-                await self._request("POST", "/kvflow/workflows", self._registration())
+                await self._request("POST", WORKFLOWS_ROUTE, self._registration())
                 self._registered = True
 
     async def _resolve(self, plan: int | _Probe | None) -> int | None:

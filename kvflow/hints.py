@@ -30,10 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-TRANSPORT_KEY = "kvflow"
-SEAL_KEY = "kvflow_seal"
+from kvflow import NAME
+
+TRANSPORT_KEY = NAME  # also the request field a client puts a hint in
+SEAL_KEY = f"{NAME}_seal"
 _SEAL = secrets.token_hex(16)  # per process: the HTTP process writes and checks it
-KV_HINTS_ACTION_TYPE = "kvflow"
+KV_HINTS_ACTION_TYPE = NAME
 MAX_ID_LEN = 256
 MAX_STEPS_ENTRIES = 1024
 MAX_STEPS_VALUE = 1_000_000
@@ -100,7 +102,7 @@ def _check_count(value: Any, name: str) -> int:
     return value
 
 
-def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = "kvflow") -> WorkflowHint:
+def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = NAME) -> WorkflowHint:
     """Validate a hint object; raise :class:`HintError` naming the first bad field.
 
     ``prompt_len``, when known, bounds ``fixed_prefix_len``.
@@ -140,9 +142,7 @@ def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = "kvflow
     return WorkflowHint(workflow_id, agent_id, fixed_prefix_len, steps)
 
 
-def check_fixed_prefix_len(
-    fixed_prefix_len: int | None, prompt_len: int | None, prefix: str = "kvflow"
-) -> None:
+def check_fixed_prefix_len(fixed_prefix_len: int | None, prompt_len: int | None, prefix: str = NAME) -> None:
     """Reject a fixed prefix longer than the prompt it claims to prefix."""
     if fixed_prefix_len is not None and prompt_len is not None and fixed_prefix_len > prompt_len:
         raise HintError(
@@ -156,7 +156,7 @@ def transport(hint: WorkflowHint) -> dict[str, str]:
     return {TRANSPORT_KEY: hint.to_json(), SEAL_KEY: _SEAL}
 
 
-def check_transport(custom_params: Any, prefix: str = "custom_params.kvflow") -> WorkflowHint | None:
+def check_transport(custom_params: Any, prefix: str = f"custom_params.{NAME}") -> WorkflowHint | None:
     """The hint of a request about to be tokenized; :class:`HintError` unless kvflow's HTTP layer wrote it."""
     if not isinstance(custom_params, Mapping) or TRANSPORT_KEY not in custom_params:
         return None

@@ -19,12 +19,10 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from kvflow import NAME
 from kvflow.config import KVFlowConfig
 
 EMBEDDED_MODEL_PATH = str(Path(__file__).resolve().parent / "model")
-PLUGIN_NAME = "kvflow"
-CACHE_BACKEND_NAME = "kvflow"  # kvflow.cache.CACHE_BACKEND_NAME, without importing SGLang early
-POLICY_NAME = "kvflow"  # kvflow.cache.eviction.POLICY_NAME
 
 # Defaults for SGLang's CPU engine (see ../shared/KVFLOW.md section 6), each
 # applied only when the user did not pass the flag.
@@ -71,10 +69,10 @@ def with_defaults(argv: list[str], cuda: bool) -> list[str]:
             argv += ["--load-format", "dummy"]
     backend = flag_value(argv, "--radix-cache-backend")
     if backend is None:
-        argv += ["--radix-cache-backend", CACHE_BACKEND_NAME]
+        argv += ["--radix-cache-backend", NAME]
     # The kvflow policy needs kvflow's tree core; other backends keep SGLang's default policy.
-    if backend in (None, CACHE_BACKEND_NAME) and not has_flag(argv, "--radix-eviction-policy"):
-        argv += ["--radix-eviction-policy", POLICY_NAME]
+    if backend in (None, NAME) and not has_flag(argv, "--radix-eviction-policy"):
+        argv += ["--radix-eviction-policy", NAME]
     if not cuda:
         for flag, value in CPU_DEFAULTS:
             if not has_flag(argv, flag):
@@ -110,7 +108,7 @@ def eviction_config_error(argv: list[str]) -> str | None:
     SGLang would only find out in the scheduler process, after loading the model.
     """
     raw = flag_value(argv, "--radix-eviction-policy-config")
-    if raw is None or flag_value(argv, "--radix-eviction-policy") != POLICY_NAME:
+    if raw is None or flag_value(argv, "--radix-eviction-policy") != NAME:
         return None
     from kvflow.cache.eviction import WorkflowAwareStrategy
 
@@ -120,7 +118,7 @@ def eviction_config_error(argv: list[str]) -> str | None:
             raise TypeError(f"expected a JSON object, got {raw!r}")
         WorkflowAwareStrategy(**config)
     except (TypeError, ValueError) as error:
-        return f"--radix-eviction-policy-config for the {POLICY_NAME} policy: {error}"
+        return f"--radix-eviction-policy-config for the {NAME} policy: {error}"
     return None
 
 
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     if error is not None:
         parser.error(error)
 
-    if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="sglang.srt.plugins")):
+    if not any(ep.name == NAME for ep in entry_points(group="sglang.srt.plugins")):
         sys.exit("kvflow is not installed as an SGLang plugin: run `pip install -e .` in the kvflow checkout")
 
     from sglang.launch_server import run_server

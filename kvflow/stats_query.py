@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kvflow import NAME
+
 MAX_STATS_PAGE = 1024  # one whole workflow's agents (hints name at most 1024)
-QUERY_RID_PREFIX = "kvflow-stats:"
+QUERY_RID_PREFIX = f"{NAME}-stats:"
 _PARAMS = ("workflow_id", "detail", "offset", "limit")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+import torch
 from kvflow.patches import (
     cpu_host_tier,
     hint_middleware,
@@ -26,19 +27,69 @@ from kvflow.config import KVFlowConfig
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (
-    request_checks,
-    stats_endpoint,
-    prefetch_hold,
-    cpu_host_tier,
-    workflow_endpoints,
-    idle_integrity,
-)
+HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, workflow_endpoints, idle_integrity)
+CPU_ONLY_PATCHES = (cpu_host_tier,)  # registered only where there is no CUDA
+OPT_IN_PATCHES = (link_emulation,)  # registered only with --kvflow-emulate-link-gbps
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
-# Every module's targets: the hook patches, the app-only middleware, and link_emulation (opt-in).
+# Every module's targets, each module listed once.
 ALL_TARGETS = tuple(
-    target for module in (*HOOK_PATCHES, hint_middleware, link_emulation) for target in module.TARGETS
+    target
+    for module in dict.fromkeys((*HOOK_PATCHES, *CPU_ONLY_PATCHES, *OPT_IN_PATCHES, *APP_PATCHES))
+    for target in module.TARGETS
 )
+
+_CACHE = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache"
+_TREE = "sglang.srt.mem_cache.unified_cache.unified_tree_core.UnifiedTreeCore"
+# SGLang internals kvflow relies on outside the hook registry (the README's touch-point table).
+# tests/test_patches.py resolves each and checks that every SGLang method kvflow's classes
+# override is listed here.
+SGLANG_INTERNALS = (
+    # The eviction-policy registry and CLI choices (kvflow.cache.eviction).
+    "sglang.srt.mem_cache.utils._EVICTION_POLICY_FACTORIES",
+    "sglang.srt.arg_groups.choices.RADIX_EVICTION_POLICY_CHOICES",
+    # UnifiedRadixCache: overridden by WorkflowRadixCache (kvflow.cache.radix_cache) ...
+    *(
+        f"{_CACHE}.{name}"
+        for name in (
+            "__init__",
+            "init_hicache",
+            "check_hicache_events",
+            "match_prefix",
+            "checkpoint_into_tree",
+            "on_release",
+            "evict",
+        )
+    ),
+    # ... and called by it and the prefetcher (kvflow.cache.prefetch).
+    f"{_CACHE}._apply_cache_actions",
+    f"{_CACHE}.load_back",
+    f"{_CACHE}.has_free_load_back_slot",
+    f"{_CACHE}.ready_to_load_host_cache",
+    f"{_CACHE}.sanity_check",
+    # UnifiedTreeCore: private methods WorkflowTreeCore (kvflow.cache.tree_core) overrides or calls.
+    *(
+        f"{_TREE}.{name}"
+        for name in (
+            "reset",
+            "_new_node",
+            "_split_node",
+            "_remove_leaf_from_parent",
+            "evict_device_leaf",
+            "_evict_host_leaf",
+            "node_by_id",
+        )
+    ),
+    "sglang.srt.mem_cache.radix_cache.RadixKey.child_key_at",
+    "sglang.srt.mem_cache.radix_cache.RadixKey.match_at",
+    # The HTTP process's tokenizer manager, reached by the kvflow routes (stats, workflows).
+    "sglang.srt.entrypoints.http_server._global_state",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.set_internal_state",
+    "sglang.srt.managers.io_struct.GetInternalStateReq.rid",
+    "sglang.srt.managers.io_struct.SetInternalStateReq.server_args",
+)
+# The CPU-only sgl_kernel stand-in (kvflow.cpu_kernels) replaces this module where there is no CUDA.
+SGL_KERNEL_STANDIN_FOR = "sgl_kernel"
 
 _active: list[str] = []
 
@@ -56,16 +107,24 @@ def check_sglang_version() -> None:
 def register_hooks() -> None:
     """Register the hook-registry patches (the caller's ``load_plugins`` applies them).
 
-    ``link_emulation`` is registered only when ``--kvflow-emulate-link-gbps`` is set.
+    ``cpu_host_tier`` is registered only where there is no CUDA, ``link_emulation``
+    only when ``--kvflow-emulate-link-gbps`` is set.
     """
     check_sglang_version()
-    for module in HOOK_PATCHES:
+    modules = list(HOOK_PATCHES)
+    if not torch.cuda.is_available():
+        modules += CPU_ONLY_PATCHES
+    for module in modules:
         module.register_hooks()
-        _active.append(module.__name__.rsplit(".", 1)[-1])
+        _active.append(_short_name(module))
     gbps = (KVFlowConfig.from_env() or KVFlowConfig()).emulate_link_gbps
     if gbps > 0:
         link_emulation.register_hooks(gbps)
-        _active.append("link_emulation")
+        _active.append(_short_name(link_emulation))
+
+
+def _short_name(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
 
 
 def install_app_patches(app) -> None:

@@ -58,7 +58,7 @@ def _pop_own_hint(holder: Any) -> tuple[bool, Any]:
 
 def _top_level_hint(body: dict) -> tuple[Any, str] | None:
     if TRANSPORT_KEY in body:
-        return body.pop(TRANSPORT_KEY), "kvflow"
+        return body.pop(TRANSPORT_KEY), TRANSPORT_KEY
     return None
 
 
@@ -121,7 +121,9 @@ def rewrite_body(body: Any, path: str, resolve: Callable[[WorkflowHint], Workflo
             hint = shared[where]
             check_fixed_prefix_len(hint.fixed_prefix_len, lens[i], where)
         elif found:
-            where = f"{holder_name}.custom_params.kvflow" if path == GENERATE_PATH else "custom_params.kvflow"
+            where = f"custom_params.{TRANSPORT_KEY}"
+            if path == GENERATE_PATH:
+                where = f"{holder_name}.{where}"
             hint = parse_hint(raw, prompt_len=lens[i], prefix=where)
         else:
             continue

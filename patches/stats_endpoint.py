@@ -22,13 +22,14 @@ from fastapi.responses import ORJSONResponse
 from kvflow.patches.workflow_endpoints import error_response
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from kvflow import NAME, STATS_ROUTE
 from kvflow.stats_query import QUERY_RID_PREFIX, QueryError, StatsQuery, parse_query
 
 TARGETS = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
     "sglang.srt.entrypoints.http_server.app",
 )
-ROUTE = "/kvflow/stats"
+ROUTE = STATS_ROUTE
 
 
 def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
@@ -40,7 +41,7 @@ def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
         rid = getattr(recv_req, "rid", None)
         if isinstance(rid, str) and rid.startswith(QUERY_RID_PREFIX):
             query = StatsQuery(**json.loads(rid[len(QUERY_RID_PREFIX) :]))
-        result.internal_state["kvflow"] = {**stats(query), "patches_active": active_patches()}
+        result.internal_state[NAME] = {**stats(query), "patches_active": active_patches()}
     return result
 
 
@@ -61,7 +62,7 @@ async def kvflow_stats(request: Request) -> ORJSONResponse:
     manager.auto_create_handle_loop()
     rid = None if query is None else QUERY_RID_PREFIX + json.dumps(query.__dict__)
     replies = await manager.get_internal_state_communicator(GetInternalStateReq(rid=rid))
-    ranks = [reply.internal_state["kvflow"] for reply in replies if "kvflow" in reply.internal_state]
+    ranks = [reply.internal_state[NAME] for reply in replies if NAME in reply.internal_state]
     if not ranks:
         return ORJSONResponse(
             status_code=404,

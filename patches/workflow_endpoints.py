@@ -33,6 +33,7 @@ from fastapi import Request
 from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from kvflow import NAME, WORKFLOWS_ROUTE
 from kvflow.config import KVFlowConfig
 from kvflow.frontend.graph_learning import GraphLearner
 from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate, active_registry
@@ -41,8 +42,8 @@ TARGETS = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.set_internal_state",
     "sglang.srt.entrypoints.http_server.app",
 )
-ROUTE = "/kvflow/workflows"
-COMMAND_PREFIX = "kvflow:"
+ROUTE = WORKFLOWS_ROUTE
+COMMAND_PREFIX = f"{NAME}:"
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,53 @@ def test_every_hook_target_exists(target):
     assert pkgutil.resolve_name(target) is not None
 
 
+@pytest.mark.parametrize("name", patches.SGLANG_INTERNALS)
+def test_every_sglang_internal_kvflow_relies_on_exists(name):
+    # Resolve the owner, then look the last part up: some are runtime-set attributes (``_global_state``
+    # is None until the server starts) or fields of SGLang's request structs.
+    owner, _, attribute = name.rpartition(".")
+    assert hasattr(pkgutil.resolve_name(owner), attribute), name
+
+
+def _overrides(cls: type, base: type) -> set[str]:
+    # Dunders other than __init__ come from the class machinery (ABCMeta adds __subclasshook__).
+    methods = {name for name, value in vars(cls).items() if callable(value) and hasattr(base, name)}
+    return {name for name in methods if not name.startswith("__") or name == "__init__"}
+
+
+def test_every_sglang_method_kvflow_overrides_is_listed_as_an_internal():
+    from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    from kvflow.cache.radix_cache import WorkflowRadixCache
+    from kvflow.cache.tree_core import WorkflowTreeCore
+
+    for cls, base in ((WorkflowRadixCache, UnifiedRadixCache), (WorkflowTreeCore, UnifiedTreeCore)):
+        listed = {name.rsplit(".", 1)[-1] for name in patches.SGLANG_INTERNALS if base.__name__ in name}
+        assert _overrides(cls, base) <= listed, sorted(_overrides(cls, base) - listed)
+
+
+def test_the_sgl_kernel_standin_is_importable_as_sgl_kernel():
+    from kvflow.cpu_kernels import STANDIN_PATH
+
+    assert (Path(STANDIN_PATH) / patches.SGL_KERNEL_STANDIN_FOR / "__init__.py").is_file()
+
+
+def test_cpu_host_tier_is_registered_only_without_cuda(monkeypatch):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    registered = []
+    monkeypatch.setattr(HookRegistry, "register", lambda target, *args, **kw: registered.append(target))
+    for cuda in (False, True):
+        registered.clear()
+        monkeypatch.setattr(patches, "_active", [])
+        monkeypatch.setattr(patches.torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        patches.register_hooks()
+        assert ("cpu_host_tier" in patches.active_patches()) is not cuda
+        assert bool(set(patches.cpu_host_tier.TARGETS) & set(registered)) is not cuda
+        assert "prefetch_hold" in patches.active_patches()
+
+
 def test_registries_kvflow_plugs_into_exist():
     from sglang.srt.arg_groups.choices import add_radix_eviction_policy_choices
     from sglang.srt.mem_cache.registry import create_unified_radix_cache, register_radix_cache_backend
@@ -31,14 +79,9 @@ def test_registries_kvflow_plugs_into_exist():
     from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
     from sglang.srt.mem_cache.utils import _EVICTION_POLICY_FACTORIES
 
+    from kvflow.cache.tree_core import WorkflowTreeCore
+
     assert callable(register_radix_cache_backend) and callable(register_tree_core_backend)
     assert callable(add_radix_eviction_policy_choices) and callable(create_unified_radix_cache)
     assert "lru" in _EVICTION_POLICY_FACTORIES
-    for method in (
-        "_new_node",
-        "_split_node",
-        "_remove_leaf_from_parent",
-        "evict_device_leaf",
-        "_evict_host_leaf",
-    ):
-        assert callable(getattr(UnifiedTreeCore, method)), method
+    assert issubclass(WorkflowTreeCore, UnifiedTreeCore)

@@ -25,7 +25,9 @@ from sglang.srt.arg_groups.choices import (
 from sglang.srt.mem_cache.evict_policy import EvictionStrategy
 from sglang.srt.mem_cache.utils import _EVICTION_POLICY_FACTORIES
 
-POLICY_NAME = "kvflow"
+from kvflow import NAME
+
+POLICY_NAME = NAME
 TIE_BREAKS = ("lru", "mru")
 
 

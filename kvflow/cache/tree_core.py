@@ -18,9 +18,10 @@ from sglang.srt.mem_cache.unified_cache.tree_core_registry import (
 )
 from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
 
+from kvflow import NAME
 from kvflow.cache import ownership
 
-TREE_CORE_NAME = "kvflow"
+TREE_CORE_NAME = NAME
 
 
 class WorkflowTreeCore(UnifiedTreeCore):
