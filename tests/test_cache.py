@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
+from kvflow.cache.workflow_table import WorkflowTable
 from kvflow.config import KVFlowConfig
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
@@ -150,9 +150,16 @@ def test_stale_workflows_expire_back_to_plain_lru(monkeypatch):
     monkeypatch.setenv("KVFLOW_CONFIG", '{"hint_ttl": 0.2, "max_workflows": 16}')
     assert KVFlowConfig.from_env().hint_ttl == 0.2
     driver = CacheDriver(size=40)
+    table = driver.cache.workflows
+    assert (table.ttl, table.max_workflows) == (0.2, 16)  # the cache took its table's caps from the config
+    now = [0.0]
+    driver.cache.workflows = WorkflowTable(0.2, 16, clock=lambda: now[0], max_agents=table.max_agents)
     driver.serve(agent_prompt(0), hint("a", 20, {"a": 0}))
     driver.serve(agent_prompt(1))  # newer un-owned traffic
-    time.sleep(0.3)
+    now[0] = 0.2
+    driver.cache.evict(EvictParams(num_tokens=0))
+    assert len(driver.cache.workflows) == 1  # not past the TTL yet
+    now[0] = 0.3
     driver.cache.evict(EvictParams(num_tokens=20))  # expiry runs first, then plain LRU
     assert len(driver.cache.workflows) == 0
     assert driver.cached_len(agent_prompt(0)) == 0  # older, no longer protected

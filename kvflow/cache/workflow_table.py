@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 from kvflow.config import KVFlowConfig
+from kvflow.expiring_table import ExpiringTable, WhenFull
 from kvflow.hints import MAX_STEPS_ENTRIES, MAX_STEPS_VALUE, WorkflowHint, common_prefix_len
 
 MAX_REFERENCE_TOKENS = 16384
@@ -116,14 +115,21 @@ class WorkflowTable:
         clock: Callable[[], float] = time.monotonic,
         max_agents: int = KVFlowConfig.max_tracked_agents,
     ) -> None:
-        self.ttl = ttl
-        self.max_workflows = max_workflows
         self.max_agents = max_agents  # over all workflows
         self.agent_count = 0
-        self._clock = clock
-        # Ordered by last hint, oldest first, so expiry pops from the front.
-        self._workflows: OrderedDict[str, WorkflowState] = OrderedDict()
-        self._last_seen: dict[str, float] = {}
+        # Least recently hinted first. Cap rules: past max_workflows the oldest is dropped, and
+        # expire() keeps dropping the oldest while max_agents would be exceeded (never refused).
+        self._workflows: ExpiringTable[WorkflowState] = ExpiringTable(
+            max_workflows, WhenFull.DROP_OLDEST, ttl=ttl, clock=clock
+        )
+
+    @property
+    def ttl(self) -> float:
+        return self._workflows.ttl
+
+    @property
+    def max_workflows(self) -> int:
+        return self._workflows.capacity
 
     def __len__(self) -> int:
         return len(self._workflows)
@@ -136,7 +142,7 @@ class WorkflowTable:
 
     def page(self, offset: int, limit: int) -> list[WorkflowState]:
         """Workflows ``offset .. offset + limit - 1``, least recently hinted first."""
-        return list(islice(self._workflows.values(), offset, offset + limit))
+        return self._workflows.page(offset, limit)
 
     def observe(
         self, hint: WorkflowHint, prompt: Sequence[int]
@@ -144,9 +150,8 @@ class WorkflowTable:
         """Apply a request's hint; return its agent and the agents whose steps changed."""
         workflow = self._workflows.get(hint.workflow_id)
         if workflow is None:
-            workflow = self._workflows[hint.workflow_id] = WorkflowState(hint.workflow_id)
-        self._workflows.move_to_end(hint.workflow_id)
-        self._last_seen[hint.workflow_id] = self._clock()
+            workflow = WorkflowState(hint.workflow_id)
+        self._workflows.put(hint.workflow_id, workflow)
 
         # The requesting agent first: a full steps map must not crowd it out of the per-workflow cap.
         agent = self._agent(workflow, hint.agent_id)
@@ -162,8 +167,7 @@ class WorkflowTable:
         workflow = self._workflows.get(workflow_id)
         if workflow is None:
             return None
-        self._workflows.move_to_end(workflow_id)
-        self._last_seen[workflow_id] = self._clock()
+        self._workflows.touch(workflow_id)
         return self._merge_steps(workflow, steps)
 
     def _agent(self, workflow: WorkflowState, agent_id: str) -> AgentState | None:
@@ -205,24 +209,20 @@ class WorkflowTable:
 
     def pop(self, workflow_id: str) -> WorkflowState | None:
         """Forget one workflow now (it ended); return its state if it was known."""
-        self._last_seen.pop(workflow_id, None)
-        workflow = self._workflows.pop(workflow_id, None)
+        workflow = self._workflows.pop(workflow_id)
         if workflow is not None:
             self.agent_count -= len(workflow.agents)
         return workflow
 
     def expire(self, room_for: int = 0) -> list[WorkflowState]:
-        """Forget workflows past their TTL or past the caps; return them.
+        """Forget workflows past their TTL or past the caps; return them, least recently hinted first.
 
-        ``room_for`` agents about to be added must fit under the agent cap.
+        Drops from the oldest while it is past the TTL, more than ``max_workflows``
+        are tracked, or the agent cap would be exceeded: ``room_for`` agents about
+        to be added must fit, ``agent_count + room_for <= max_agents``.
         """
-        now = self._clock()
+        now = self._workflows.clock()
         dropped = []
-        while self._workflows:
-            workflow_id = next(iter(self._workflows))
-            stale = now - self._last_seen[workflow_id] > self.ttl
-            full = self.agent_count + room_for > self.max_agents
-            if not stale and not full and len(self._workflows) <= self.max_workflows:
-                break
-            dropped.append(self.pop(workflow_id))
+        while self._workflows and (self._workflows.due(now) or self.agent_count + room_for > self.max_agents):
+            dropped.append(self.pop(self._workflows.oldest()))
         return dropped

@@ -25,11 +25,12 @@ steps-to-execution from a first-order model of agent transitions:
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvflow.expiring_table import ExpiringTable, WhenFull
 from kvflow.hints import MAX_STEPS_VALUE
 
 TYPE_SEPARATOR = ":"
@@ -105,14 +106,15 @@ class GraphLearner:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.min_observations = min_observations
-        self.max_workflows = max_workflows
         self.max_agents = max_agents
-        self.ttl = ttl
-        self._clock = clock
-        # Both ordered by last use, oldest first, so the cap and the TTL drop from the front.
-        self._models: OrderedDict[str, TransitionModel] = OrderedDict()
-        self._instances: OrderedDict[str, _Instance] = OrderedDict()
-        self._last_seen: dict[str, float] = {}
+        # Both least recently used first. Cap rules: past max_workflows the oldest is dropped;
+        # an idle workflow goes after the TTL, a type's model only to make room (no TTL).
+        self._models: ExpiringTable[TransitionModel] = ExpiringTable(
+            max_workflows, WhenFull.DROP_OLDEST, clock=clock
+        )
+        self._instances: ExpiringTable[_Instance] = ExpiringTable(
+            max_workflows, WhenFull.DROP_OLDEST, ttl=ttl, clock=clock
+        )
 
     def started(self, workflow_id: str, agent_id: str) -> dict[str, int]:
         """Record that ``agent_id`` of ``workflow_id`` is running; return the derived steps."""
@@ -121,9 +123,7 @@ class GraphLearner:
         instance = self._instances.get(workflow_id)
         if instance is not None:
             model.observe(instance.agent_id, agent_id)
-        self._instances[workflow_id] = _Instance(type_key, agent_id)
-        self._instances.move_to_end(workflow_id)
-        self._last_seen[workflow_id] = self._clock()
+        self._instances.put(workflow_id, _Instance(type_key, agent_id))
         self.expire()
         return model.steps(agent_id, True, self.min_observations)
 
@@ -149,8 +149,7 @@ class GraphLearner:
 
     def forget(self, workflow_id: str) -> bool:
         """Stop tracking a workflow (its type keeps what it learned)."""
-        self._last_seen.pop(workflow_id, None)
-        return self._instances.pop(workflow_id, None) is not None
+        return self._instances.pop(workflow_id) is not None
 
     def describe(self, workflow_id: str) -> dict[str, Any] | None:
         """JSON-ready view of a tracked workflow and its type's model, or None."""
@@ -173,18 +172,12 @@ class GraphLearner:
 
     def expire(self) -> None:
         """Forget workflows idle for longer than the TTL or past the cap."""
-        now = self._clock()
-        while self._instances:
-            workflow_id = next(iter(self._instances))
-            if now - self._last_seen[workflow_id] <= self.ttl and len(self._instances) <= self.max_workflows:
-                break
-            self.forget(workflow_id)
+        self._instances.expire()
 
     def _model(self, type_key: str) -> TransitionModel:
         model = self._models.get(type_key)
         if model is None:
-            model = self._models[type_key] = TransitionModel(self.max_agents)
-            if len(self._models) > self.max_workflows:
-                self._models.popitem(last=False)
-        self._models.move_to_end(type_key)
+            model = TransitionModel(self.max_agents)
+        self._models.put(type_key, model)
+        self._models.expire()
         return model

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kvflow.expiring_table import ExpiringTable, WhenFull
 from kvflow.frontend.graph_learning import FAR, GraphLearner
 from kvflow.graph import MAX_AGENTS, AgentStepGraph, GraphError
 from kvflow.hints import MAX_STEPS_ENTRIES, HintError, WorkflowHint, id_error
@@ -236,14 +237,13 @@ class WorkflowRegistry:
     ) -> None:
         if not 1 <= max_agents <= MAX_AGENTS:
             raise ValueError(f"max_agents must be in [1, {MAX_AGENTS}], got {max_agents}")
-        self.ttl = ttl
-        self.max_workflows = max_workflows
         self.max_agents = max_agents
         self.learner = learner
         self.on_change: Callable[[str], None] | None = None
-        self._clock = clock
-        self._workflows: OrderedDict[str, RegisteredWorkflow] = OrderedDict()  # oldest activity first
-        self._last_seen: dict[str, float] = {}
+        # Oldest activity first. Cap rule: a full registry refuses new registrations (429), drops nothing.
+        self._workflows: ExpiringTable[RegisteredWorkflow] = ExpiringTable(
+            max_workflows, WhenFull.REFUSE, ttl=ttl, clock=clock
+        )
 
     def __len__(self) -> int:
         return len(self._workflows)
@@ -288,15 +288,15 @@ class WorkflowRegistry:
                     "DELETE it first or use another workflow_id",
                     "graph",
                 )
-            self._touch(workflow_id)
+            self._workflows.touch(workflow_id)
             return existing, False
-        if len(self._workflows) >= self.max_workflows:
+        if self._workflows.full:
             raise RegistryFull(
-                f"at most {self.max_workflows} workflows may be registered at once "
+                f"at most {self._workflows.capacity} workflows may be registered at once "
                 "(--kvflow-max-workflows); DELETE finished ones or wait for them to expire"
             )
-        workflow = self._workflows[workflow_id] = RegisteredWorkflow(workflow_id, graph)
-        self._touch(workflow_id)
+        workflow = RegisteredWorkflow(workflow_id, graph)
+        self._workflows.put(workflow_id, workflow)
         return workflow, True
 
     def get(self, workflow_id: str) -> RegisteredWorkflow:
@@ -310,8 +310,9 @@ class WorkflowRegistry:
     def describe(self, workflow_id: str) -> dict[str, Any]:
         """JSON-ready view of a registered or learned workflow."""
         self.expire()
-        if workflow_id in self._workflows:
-            return self._workflows[workflow_id].describe()
+        registered = self._workflows.get(workflow_id)
+        if registered is not None:
+            return registered.describe()
         learned = self.learner.describe(workflow_id) if self.learner is not None else None
         if learned is None:
             raise WorkflowNotFound(f"workflow {workflow_id!r} is neither registered nor being learned")
@@ -331,13 +332,12 @@ class WorkflowRegistry:
         if running and finished and (both := running & finished):
             raise RegistryError(f"agent {min(both)!r} is both running and finished", "finished")
         workflow.set_frontier(running, finished)
-        self._touch(workflow_id)
+        self._workflows.touch(workflow_id)
         return workflow
 
     def end(self, workflow_id: str) -> bool:
         """Forget a registered or learned workflow; False if neither knew it."""
-        registered = self._workflows.pop(workflow_id, None) is not None
-        self._last_seen.pop(workflow_id, None)
+        registered = self._workflows.pop(workflow_id) is not None
         learned = self.learner is not None and self.learner.forget(workflow_id)
         return registered or learned
 
@@ -365,7 +365,7 @@ class WorkflowRegistry:
                     "kvflow.agent_id", f"{agent_id!r} is not an agent of registered workflow {workflow_id!r}"
                 )
             undo = workflow.start(agent_id)
-            self._touch(workflow_id)
+            self._workflows.touch(workflow_id)
             derived = workflow.steps()
 
             def finish(ok: bool) -> None:
@@ -388,19 +388,9 @@ class WorkflowRegistry:
 
     def expire(self) -> None:
         """Forget registered workflows idle for longer than the TTL."""
-        now = self._clock()
-        while self._workflows:
-            workflow_id = next(iter(self._workflows))
-            if now - self._last_seen[workflow_id] <= self.ttl:
-                break
-            del self._workflows[workflow_id]
-            del self._last_seen[workflow_id]
+        self._workflows.expire()
         if self.learner is not None:
             self.learner.expire()
-
-    def _touch(self, workflow_id: str) -> None:
-        self._workflows.move_to_end(workflow_id)
-        self._last_seen[workflow_id] = self._clock()
 
     def _changed(self, workflow_id: str) -> None:
         if self.on_change is not None:
