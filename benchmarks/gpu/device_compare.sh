@@ -46,13 +46,79 @@ FLAGS=(--model-path "$K/model" --load-format dummy --skip-tokenizer-init --dtype
 CONFIGS=${CONFIGS:-lru,lru-hicache,kvflow-hicache,ideal}
 VOCAB=128000
 
+# Servers are stopped by PID, never by name: compare.py starts each server as a child of its own
+# process, in a session of its own (kvflow.harness.server_process), so the servers this script
+# started are exactly the children of the compare process it started. Their PIDs (each its
+# server's process-group id, covering SGLang's scheduler and detokenizer) are recorded while
+# compare runs; compare stops them itself, and whatever is still running afterwards, or when
+# this script exits for any reason, is stopped here: SIGTERM to the group, a wait, then SIGKILL.
+COMPARE_PID=""
+SERVER_PIDS=()
+record_servers() {  # add the children of compare $1 not recorded yet
+  local pid known
+  for pid in $(pgrep -P "$1" 2>/dev/null); do
+    for known in "${SERVER_PIDS[@]}"; do [[ $known == "$pid" ]] && continue 2; done
+    SERVER_PIDS+=("$pid")
+  done
+}
+alive() { kill -0 -- "-$1" 2>/dev/null || kill -0 "$1" 2>/dev/null; }
+stop_servers() {  # SIGTERM every recorded server still running, wait up to 30 s, then SIGKILL
+  local pid left i
+  for pid in "${SERVER_PIDS[@]}"; do
+    alive "$pid" && { ts "stopping server $pid"; kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"; }
+  done
+  for ((i = 0; i < 30; i++)); do
+    left=0
+    for pid in "${SERVER_PIDS[@]}"; do alive "$pid" && left=1; done
+    ((left)) || break
+    sleep 1
+  done
+  for pid in "${SERVER_PIDS[@]}"; do
+    alive "$pid" && { ts "server $pid still running after 30 s: SIGKILL"; kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"; }
+  done
+  SERVER_PIDS=()
+}
+cleanup() {
+  if [[ -n $COMPARE_PID ]] && kill -0 "$COMPARE_PID" 2>/dev/null; then
+    record_servers "$COMPARE_PID"
+    kill -TERM "$COMPARE_PID" 2>/dev/null
+    wait "$COMPARE_PID" 2>/dev/null
+  fi
+  COMPARE_PID=""
+  stop_servers
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
 # compare LABEL TIMEOUT_S WORKLOAD PARAMS NAME HICACHE_RATIO
 compare() {
   ts "$1"
-  timeout "$2" python3 -m benchmarks.compare --workload "$3" --params "$4" \
+  local rc i timed_out=0 deadline=$(( $(date +%s) + $2 ))
+  python3 -m benchmarks.compare --workload "$3" --params "$4" \
     --configs "$CONFIGS" --repeats 1 --pool-fraction 0.45 --out-dir "$OUT/results" \
-    --name "$5" -- "${FLAGS[@]}" --hicache-ratio "$6"
-  ts "$1: rc=$?"
+    --name "$5" -- "${FLAGS[@]}" --hicache-ratio "$6" &
+  COMPARE_PID=$!
+  # The time limit `timeout` used to give: SIGTERM at the deadline (compare then stops its
+  # servers in its finally blocks; SIGKILL if it has not exited 60 s later), rc 124 as
+  # timeout reports it.
+  while kill -0 "$COMPARE_PID" 2>/dev/null; do
+    record_servers "$COMPARE_PID"
+    if (( $(date +%s) >= deadline )); then
+      ts "$1: past ${2}s, stopping compare $COMPARE_PID"
+      timed_out=1
+      kill -TERM "$COMPARE_PID" 2>/dev/null
+      for ((i = 0; i < 60; i++)); do kill -0 "$COMPARE_PID" 2>/dev/null || break; sleep 1; done
+      kill -KILL "$COMPARE_PID" 2>/dev/null
+      break
+    fi
+    sleep 2
+  done
+  wait "$COMPARE_PID"; rc=$?
+  ((timed_out)) && rc=124
+  COMPARE_PID=""
+  ts "$1: rc=$rc"
+  stop_servers
   local logs="$OUT/results/logs/$5"  # flattened: the device tool does not return deep folders
   cp "$logs/partial.json" "$OUT/results/$5.partial.json" 2>/dev/null
   for f in "$logs"/*.log; do tail -n 300 "$f" > "$OUT/results/$5.$(basename "$f")"; done
@@ -69,6 +135,5 @@ setting_b() {
 SETTINGS=${SETTINGS:-ab}   # which settings to run, in this order: a, b, ab or ba
 for ((i = 0; i < ${#SETTINGS}; i++)); do
   "setting_${SETTINGS:i:1}"
-  pkill -f kvflow.launch_server; sleep 3
 done
 ts "end"
