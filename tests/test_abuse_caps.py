@@ -9,7 +9,6 @@ import pytest
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from kvflow.cache.radix_cache import WorkflowRadixCache
-from kvflow.cache.workflow_table import OVER_BUDGET_OFFSET
 from kvflow.config import KVFlowConfig
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import MAX_STEPS_ENTRIES, WorkflowHint
@@ -34,7 +33,7 @@ def test_past_its_share_a_workflows_farthest_prompts_rank_after_every_other_work
         driver.serve(prompt(0, i), WorkflowHint("hog", f"h{i}", 20, hog))
     agents = driver.cache.workflows.get("hog").agents
     assert [agents[f"h{i}"].over_budget for i in range(6)] == [False] * 5 + [True]
-    assert agents["h5"].rank == agents["h5"].steps + OVER_BUDGET_OFFSET
+    assert agents["h5"].rank[0] == 1 and all(agents[f"h{i}"].rank[0] == 0 for i in range(5))
     driver.serve(prompt(1, 0), WorkflowHint("small", "s", 20, {"s": 50}))  # far, but within its share
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(prompt(0, 5)) == 0  # the hog's excess went first...

@@ -42,8 +42,10 @@ def test_shared_system_prompt_is_protected_by_its_most_urgent_user_without_copyi
     assert shared is b_node.parent and len(shared.key) == len(SYSTEM)
     # b finished, so it became the farthest (3); a, next up, protects the shared prompt
     assert (agents["a"].steps, agents["b"].steps) == (2, 3)
-    assert shared.kvflow_owners == [] and shared.kvflow_min == 2
-    assert a_node.kvflow_owners == [agents["a"]] and a_node.kvflow_min == 2 and b_node.kvflow_min == 3
+    assert agents["a"].rank < agents["b"].rank
+    assert shared.kvflow_owners == [] and shared.kvflow_min == agents["a"].rank
+    assert a_node.kvflow_owners == [agents["a"]] and a_node.kvflow_min == agents["a"].rank
+    assert b_node.kvflow_min == agents["b"].rank
     suffix = next(iter(a_node.children.values()))
     assert suffix.kvflow_owners == [] and suffix.kvflow_min is None  # dynamic part stays un-owned
 
@@ -71,7 +73,9 @@ def test_a_later_split_above_the_boundary_does_not_copy_ownership_up():
     driver.serve(prompt[:10] + [7, 7, 7])  # diverges inside the owned node
     assert boundary.parent is not driver.cache.tree_core.root_node
     assert len(boundary.key) == 20 and boundary.kvflow_owners[0].agent_id == "a"
-    assert boundary.parent.kvflow_owners == [] and boundary.parent.kvflow_min == 4
+    assert (
+        boundary.parent.kvflow_owners == [] and boundary.parent.kvflow_min == boundary.kvflow_owners[0].rank
+    )
 
 
 def test_two_workflows_sharing_a_prefix_never_collide_and_take_the_lowest_steps():
@@ -82,7 +86,7 @@ def test_two_workflows_sharing_a_prefix_never_collide_and_take_the_lowest_steps(
     w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
     assert w1 is not w2 and w1.node is not w2.node
     assert w1.steps == 5 and w2.steps == 1
-    assert w1.node.parent.kvflow_min == 1
+    assert w2.rank < w1.rank and w1.node.parent.kvflow_min == w2.rank
 
 
 def test_unowned_nodes_are_evicted_before_any_owned_node_lru_among_them():
@@ -118,9 +122,39 @@ def test_owned_nodes_go_farthest_steps_first_and_follow_step_updates():
     assert driver.cache.tree_core.kvflow_evictions["device"]["owned"]["nodes"] == 2
 
 
+def test_equal_steps_across_workflows_go_by_when_they_are_needed_the_later_first():
+    driver = CacheDriver(size=60)
+    prompts = {"w1": agent_prompt(0), "w2": agent_prompt(1)}
+    for workflow, prompt in prompts.items():  # same pace (the prior); w2 stepped later
+        driver.serve(prompt, hint("agent", 20, {"agent": 0, "next": 1}, workflow=workflow))
+    w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
+    assert w1.steps == w2.steps and w1.rank < w2.rank
+    driver.cache.evict(EvictParams(num_tokens=20))
+    assert driver.cached_len(prompts["w2"]) == 0 and driver.cached_len(prompts["w1"]) == 20
+
+
+def test_a_slow_workflows_next_agent_goes_before_a_fast_workflows_farther_one():
+    driver = CacheDriver(size=200)
+    fast = {f"f{i}": prompt for i, prompt in enumerate((agent_prompt(0), agent_prompt(1), agent_prompt(2)))}
+    cycle = list(fast)
+    # The fast workflow steps after every request of the slow one's five; the slow one steps once.
+    driver.serve(agent_prompt(5), hint("s0", 20, {"s0": 0, "s1": 1}, workflow="slow"))
+    for turn in range(6):
+        running = cycle[turn % 3]
+        steps = {a: (j - turn) % 3 for j, a in enumerate(cycle)}
+        driver.serve(fast[running] + dynamic(turn, 4), hint(running, 20, steps, workflow="fast"))
+    driver.serve(agent_prompt(5), hint("s0", 20, {"s0": 0, "s1": 1}, workflow="slow"))
+    driver.serve(agent_prompt(6), hint("s1", 20, {"s0": 1, "s1": 0}, workflow="slow"))
+    slow = driver.cache.workflows.get("slow").agents
+    fast_agents = driver.cache.workflows.get("fast").agents
+    far_fast = max(fast_agents.values(), key=lambda a: a.steps)
+    assert slow["s0"].steps < far_fast.steps  # by hops the slow one's next agent would be kept...
+    assert slow["s0"].rank > far_fast.rank  # ...but it is needed later
+
+
 @pytest.mark.parametrize("tie_break, evicted", [("lru", "w1"), ("mru", "w2")])
-def test_equal_steps_across_workflows_are_broken_by_the_configured_tie_break(tie_break, evicted):
-    driver = CacheDriver(size=60, policy_config={"tie_break": tie_break})
+def test_with_hop_urgency_equal_steps_across_workflows_are_broken_by_the_tie_break(tie_break, evicted):
+    driver = CacheDriver(size=60, policy_config={"tie_break": tie_break, "urgency": "hops"})
     prompts = {"w1": agent_prompt(0), "w2": agent_prompt(1)}
     for workflow, prompt in prompts.items():  # w1 first (least recently used), then w2
         driver.serve(prompt, hint("agent", 20, {"agent": 0, "next": 1}, workflow=workflow))

@@ -38,11 +38,11 @@ def test_making_room_never_evicts_an_agent_that_runs_sooner():
     agents = fill(driver, {"near": 1, "mid": 2, "far": 5, "farther": 6})
     prefetcher = Prefetcher(driver.cache, steps_limit=2)
     # Room for a prefetch of an agent at step 2: only 'far' and 'farther' may go.
-    assert prefetcher._make_room(40, rank=2)
+    assert prefetcher._make_room(40, rank=agents["mid"].rank)
     assert driver.cached_len(prompt(0)) == 20 and driver.cached_len(prompt(1)) == 20
     assert agents["far"].node is None and agents["farther"].node is None
     # Nothing farther than step 1 is left but 'mid'; more room than that is refused, nothing evicted.
-    assert not prefetcher._make_room(80, rank=1)
+    assert not prefetcher._make_room(80, rank=agents["near"].rank)
     assert driver.cached_len(prompt(0)) == 20 and driver.cached_len(prompt(1)) == 20
     driver.check_accounting()
 
@@ -52,7 +52,7 @@ def test_unowned_nodes_make_room_first():
     agents = fill(driver, {"near": 1, "far": 4})
     driver.serve(prompt(7))  # un-hinted traffic
     prefetcher = Prefetcher(driver.cache, steps_limit=1)
-    assert prefetcher._make_room(20, rank=1)
+    assert prefetcher._make_room(20, rank=agents["near"].rank)
     assert driver.cached_len(prompt(7)) == 0
     assert agents["far"].node is not None and agents["near"].node is not None
 

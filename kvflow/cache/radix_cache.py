@@ -26,6 +26,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow import NAME
 from kvflow.cache import integrity, ownership
+from kvflow.cache.eviction import WorkflowAwareStrategy
 from kvflow.cache.prefetch import Prefetcher
 from kvflow.cache.request_state import request_state
 from kvflow.cache.tree_core import TREE_CORE_NAME
@@ -45,8 +46,10 @@ class WorkflowRadixCache(UnifiedRadixCache):
         params.tree_core_backend = TREE_CORE_NAME
         super().__init__(params)
         self.eviction_policy = params.eviction_policy
+        strategy = self.tree_core.eviction_strategy
+        urgency = strategy.urgency if isinstance(strategy, WorkflowAwareStrategy) else "time"
         self.workflows = WorkflowTable(
-            config.hint_ttl, config.max_workflows, max_agents=config.max_tracked_agents
+            config.hint_ttl, config.max_workflows, max_agents=config.max_tracked_agents, urgency=urgency
         )
         self.kvflow_totals = InvocationCounters()
         self.kvflow_hinted_requests = 0
@@ -260,6 +263,11 @@ class WorkflowRadixCache(UnifiedRadixCache):
         stats: dict[str, Any] = {
             "eviction_policy": self.eviction_policy,
             "tie_break": getattr(self.tree_core.eviction_strategy, "tie_break", None),
+            "urgency": {
+                "mode": self.workflows.logical_clock.mode,
+                "clock": self.workflows.logical_clock.now,
+                "prior_interval": self.workflows.logical_clock.prior_interval,
+            },
             "pool_tokens": self.token_to_kv_pool_allocator.size,
             "totals": {
                 **asdict(self.kvflow_totals),
@@ -295,11 +303,17 @@ class WorkflowRadixCache(UnifiedRadixCache):
         agents = list(islice(workflow.agents.values(), query.offset, query.offset + query.limit))
         return {
             "workflow_id": workflow.workflow_id,
+            "pace": {
+                "last_step": workflow.pace.last_step,
+                "interval": workflow.pace.interval,
+                "measured": workflow.pace.measured,
+            },
             "offset": query.offset,
             "total": len(workflow.agents),
             "agents": {
                 agent.agent_id: {
                     "steps_to_execution": agent.steps,
+                    "rank": agent.rank,
                     "fixed_prefix_len": agent.fixed_prefix_len,
                     "over_budget": agent.over_budget,
                     "owned_tokens_resident": self._resident_tokens(agent.node),

@@ -9,6 +9,10 @@ longer running: it becomes the farthest agent of its workflow (one more than
 the largest known value), as the agent that just finished is in a loop.
 A workflow not hinted for ``ttl`` seconds is forgotten (:meth:`expire`).
 
+Ranking: an agent's steps become the time it is expected at on the table's
+logical clock (:mod:`kvflow.cache.urgency`), so every hint of a workflow
+re-ranks all of its agents (its pace moved), not only those whose steps changed.
+
 Fixed-prompt boundary: ``fixed_prefix_len`` when the request gives it (the
 latest value wins). Otherwise it is inferred as the longest prefix the agent's
 requests have consistently shared: the first request only records its prompt;
@@ -27,13 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvflow.cache.urgency import LogicalClock, WorkflowPace
 from kvflow.config import KVFlowConfig
 from kvflow.expiring_table import ExpiringTable, WhenFull
-from kvflow.hints import MAX_STEPS_ENTRIES, MAX_STEPS_VALUE, WorkflowHint, common_prefix_len
+from kvflow.hints import MAX_STEPS_ENTRIES, WorkflowHint, common_prefix_len
 
 MAX_REFERENCE_TOKENS = 16384
-# Added to the steps of an over-budget agent: ranks it farther than any in-budget agent.
-OVER_BUDGET_OFFSET = MAX_STEPS_VALUE + 1
 
 
 @dataclass
@@ -68,6 +71,7 @@ class AgentState:
 
     workflow_id: str
     agent_id: str
+    pace: WorkflowPace  # its workflow's, shared by all of that workflow's agents
     steps: int | None = None
     fixed_prefix_len: int | None = None
     reference_prompt: array | None = None
@@ -76,24 +80,26 @@ class AgentState:
     over_budget: bool = False  # past its workflow's share of the pool (see ``rank``)
 
     @property
-    def rank(self) -> int | None:
-        """The value eviction ranks this agent's prompt by: its steps, pushed past every
-        in-budget prompt of any workflow while ``over_budget``; None when unknown."""
-        if self.steps is None or not self.over_budget:
-            return self.steps
-        return self.steps + OVER_BUDGET_OFFSET
+    def rank(self) -> tuple[int, float] | None:
+        """What eviction ranks this agent's prompt by, smaller kept longer: ``(over_budget, the
+        time its steps put it at)``, so an over-budget prompt ranks past every in-budget prompt of
+        any workflow; None when its steps are unknown."""
+        if self.steps is None:
+            return None
+        return (int(self.over_budget), self.pace.expected_at(self.steps))
 
 
 @dataclass(eq=False)
 class WorkflowState:
     workflow_id: str
+    pace: WorkflowPace
     agents: dict[str, AgentState] = field(default_factory=dict)
 
     def agent(self, agent_id: str, create: bool = True) -> AgentState | None:
         """The agent's state, created on first sight if ``create`` (None past the per-workflow cap)."""
         state = self.agents.get(agent_id)
         if state is None and create and len(self.agents) < MAX_STEPS_ENTRIES:
-            state = self.agents[agent_id] = AgentState(self.workflow_id, agent_id)
+            state = self.agents[agent_id] = AgentState(self.workflow_id, agent_id, self.pace)
         return state
 
 
@@ -114,8 +120,11 @@ class WorkflowTable:
         max_workflows: int,
         clock: Callable[[], float] = time.monotonic,
         max_agents: int = KVFlowConfig.max_tracked_agents,
+        urgency: str = "time",
     ) -> None:
         self.max_agents = max_agents  # over all workflows
+        # Ranks run on this logical clock; ``clock`` (seconds) only times the TTL.
+        self.logical_clock = LogicalClock(urgency)
         self.agent_count = 0
         # Least recently hinted first. Cap rules: past max_workflows the oldest is dropped, and
         # expire() keeps dropping the oldest while max_agents would be exceeded (never refused).
@@ -147,11 +156,12 @@ class WorkflowTable:
     def observe(
         self, hint: WorkflowHint, prompt: Sequence[int]
     ) -> tuple[AgentState | None, list[AgentState]]:
-        """Apply a request's hint; return its agent and the agents whose steps changed."""
+        """Apply a request's hint; return its agent and the agents whose rank changed."""
         workflow = self._workflows.get(hint.workflow_id)
         if workflow is None:
-            workflow = WorkflowState(hint.workflow_id)
+            workflow = WorkflowState(hint.workflow_id, WorkflowPace(self.logical_clock))
         self._workflows.put(hint.workflow_id, workflow)
+        workflow.pace.step()
 
         # The requesting agent first: a full steps map must not crowd it out of the per-workflow cap.
         agent = self._agent(workflow, hint.agent_id)
@@ -160,6 +170,9 @@ class WorkflowTable:
         steps = dict(hint.steps_to_execution)
         steps.setdefault(hint.agent_id, 0)
         changed = self._merge_steps(workflow, steps)
+        if self.logical_clock.mode == "time":
+            # The pace moved: every agent's expected time did.
+            changed = [a for a in workflow.agents.values() if a.steps is not None]
         return agent, changed
 
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> list[AgentState] | None:

@@ -1,0 +1,88 @@
+"""When an agent's prompt is next needed: steps-to-execution turned into time, comparable across workflows.
+
+Steps are hops, and hops of different workflows do not take the same time: one
+step away in a workflow whose agents write long outputs can come long after
+three steps away in a fast one. So each workflow keeps its *pace*: the
+smoothed time between two of its consecutive hinted requests. An agent
+``steps`` hops away is expected at ``last_step + steps * interval``, and
+eviction ranks owned prompts by that expected time (latest first), so within
+one workflow the hint's order is kept and across workflows the one needed
+later goes first (Belady's rule on the estimate).
+
+Time is a *logical* clock: the number of hinted requests this cache admitted.
+Every tensor-parallel rank admits the same requests in the same order and an
+offline replay reproduces them, so every rank computes the same ranks; no wall
+clock is read. A workflow seen once has no interval yet and takes the prior:
+the smoothed interval over every workflow (1 before any was measured).
+
+With urgency ``hops`` the rank is the steps themselves (the paper's rule),
+kept for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+URGENCY_MODES = ("time", "hops")
+# Weight of the newest interval in a pace. Half-weight follows a workflow that slows down or
+# speeds up within two steps, while one outlier step moves the estimate only halfway.
+SMOOTHING = 0.5
+
+
+@dataclass(eq=False)
+class LogicalClock:
+    """The cache's clock (hinted requests admitted) and the prior pace of unmeasured workflows."""
+
+    mode: str = "time"
+    now: int = 0
+    prior_interval: float = 1.0
+    _measured: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in URGENCY_MODES:
+            raise ValueError(f"urgency must be one of {', '.join(URGENCY_MODES)}, got {self.mode!r}")
+
+    def tick(self) -> int:
+        self.now += 1
+        return self.now
+
+    def measured(self, interval: int) -> None:
+        """One workflow's interval was measured: fold it into the prior."""
+        if self._measured:
+            self.prior_interval += SMOOTHING * (interval - self.prior_interval)
+        else:
+            self.prior_interval, self._measured = float(interval), True
+
+
+@dataclass(eq=False)
+class WorkflowPace:
+    """One workflow's pace on a :class:`LogicalClock`; shared by all of its agents.
+
+    Its expected times change only when it steps (then the cache re-ranks all of
+    its agents): a workflow not measured yet keeps the prior as it was at its
+    latest step, not the prior's later values.
+    """
+
+    clock: LogicalClock
+    last_step: int = 0  # clock reading at its latest hinted request
+    interval: float = 1.0  # smoothed clock advance between its consecutive hinted requests
+    measured: bool = False  # False: ``interval`` is the prior, taken at the latest step
+
+    def step(self) -> None:
+        """A hinted request of this workflow was admitted."""
+        seen_before = self.last_step > 0
+        now = self.clock.tick()
+        if seen_before:
+            gap = now - self.last_step
+            self.interval = self.interval + SMOOTHING * (gap - self.interval) if self.measured else float(gap)
+            self.measured = True
+            self.clock.measured(gap)
+        else:
+            self.interval = self.clock.prior_interval
+        self.last_step = now
+
+    def expected_at(self, steps: int) -> float:
+        """When an agent ``steps`` hops away is expected to run (the steps themselves with ``hops``)."""
+        if self.clock.mode == "hops":
+            return steps
+        return self.last_step + steps * self.interval
