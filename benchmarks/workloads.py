@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from kvflow.frontend.graph_learning import FAR
 from kvflow.graph import AgentStepGraph
 
 DEFAULT_VOCAB = 256  # the embedded model's byte tokens; use the model's vocab on GPU
@@ -27,6 +28,7 @@ class Call:
     steps: dict[str, int]
     output_len: int
     warmup: bool = False
+    start: float | None = None  # when it starts, in a timed workload (see ``timed``)
 
     @property
     def varying_len(self) -> int:
@@ -49,7 +51,13 @@ class Workload:
     params: dict = field(default_factory=dict)
 
     def interleaved(self) -> list[Call]:
-        """All calls in one sequence, workflows round-robin (the order a replay uses)."""
+        """All calls in one sequence, the order a replay uses: by start time in a timed
+        workload (warm-up calls first), otherwise workflows round-robin."""
+        if all(c.start is not None for w in self.workflows for c in w):
+            order = [
+                (not c.warmup, c.start, i, j) for i, w in enumerate(self.workflows) for j, c in enumerate(w)
+            ]
+            return [self.workflows[i][j] for *_, i, j in sorted(order)]
         out, cursors = [], [0] * len(self.workflows)
         while any(c < len(w) for c, w in zip(cursors, self.workflows, strict=True)):
             for i, workflow in enumerate(self.workflows):
@@ -162,7 +170,9 @@ def branching(
             prompt = fixed[agent] + _tokens(rng, dynamic_len, vocab)
             calls.append(Call("branch", agent, prompt, fixed_len, steps(agent), output_len))
     return Workload(
-        f"branching-{fixed_len}", [calls], dict(fixed_len=fixed_len, stages=stages, rounds=rounds)
+        f"branching-{fixed_len}",
+        [calls],
+        dict(fixed_len=fixed_len, stages=stages, rounds=rounds, branches=True),
     )
 
 
@@ -259,7 +269,87 @@ def cyclic_loop(
             agent = "reviewer"
         else:
             agent = rng.choice(["executor", "planner"])
-    return Workload(f"cyclic-loop-{fixed_len}", [calls], dict(fixed_len=fixed_len, iterations=iterations))
+    params = dict(fixed_len=fixed_len, iterations=iterations, branches=True)  # the reviewer's choice
+    return Workload(f"cyclic-loop-{fixed_len}", [calls], params)
+
+
+def timed(
+    workflows: int = 16,
+    agents: int = 4,
+    fixed_len: int = 128,
+    dynamic_len: int = 16,
+    output_len: int = 16,
+    rounds: int = 3,
+    speed_spread: float = 10.0,
+    jitter: float = 0.5,
+    branching_every: int = 0,
+    vocab: int = DEFAULT_VOCAB,
+    seed: int = 0,
+) -> Workload:
+    """Concurrent workflows that advance at different speeds, in time order.
+
+    Each workflow's steps take a base duration drawn log-uniformly from
+    ``[1, speed_spread]`` (so the slowest is ``speed_spread`` times slower than
+    the fastest), each step varying by up to ``jitter`` of it either way, and
+    each workflow starts at a random point of its first step. A workflow runs
+    its ``agents`` in a cycle after warming each prompt, as many rounds as fit
+    in the time the slowest possible one takes for ``rounds`` (a fast one runs
+    up to ``speed_spread`` times as many), so all run side by side until about
+    the same end and the request rate stays steady; in
+    its last round the hints say which agents will not run again (steps
+    ``FAR``, as a graph's hints would), so the hints describe the whole future
+    but for the timing.
+    Every ``branching_every``-th workflow (0: none) is a conditional one
+    instead: at each stage it runs one of two agents that share half their
+    prompt, which one not known in advance (the hints give both the same steps).
+    """
+    rng = random.Random(seed)
+    flows = []
+    branches_any = False
+    for w in range(workflows):
+        duration = speed_spread ** rng.random()
+        t = rng.uniform(0, duration)
+        branches = branching_every > 0 and w % branching_every == branching_every - 1
+        branches_any |= branches
+        wid = f"{'br' if branches else 'wf'}{w}"
+        if branches:
+            shared = [_tokens(rng, fixed_len // 2, vocab) for _ in range(agents)]
+            prompts = {
+                f"s{s}{b}": shared[s] + _tokens(rng, fixed_len - fixed_len // 2, vocab)
+                for s in range(agents)
+                for b in "ab"
+            }
+            order = [[f"s{s}a", f"s{s}b"] for s in range(agents)]
+        else:
+            prompts = {f"agent{i}": _tokens(rng, fixed_len, vocab) for i in range(agents)}
+            order = [[a] for a in prompts]
+
+        def steps(stage: int, chosen: str, last_round: bool = False, order=order) -> dict[str, int]:
+            view = {a: (s - stage) % len(order) for s, names in enumerate(order) for a in names}
+            for other in order[stage]:
+                if other != chosen:
+                    view[other] = len(order)  # the branch not taken comes back no sooner than a cycle
+            if last_round:  # the agents that already ran for the last time will not run again
+                view.update({a: FAR for names in order[:stage] for a in names})
+            return view
+
+        calls = [
+            Call(wid, a, list(prompts[a]), fixed_len, steps(s, a), 1, True, 0.0)
+            for s, names in enumerate(order)
+            for a in names
+        ]
+        cycles = max(1, round(rounds * speed_spread / duration))
+        for round_index in range(cycles):
+            for stage, names in enumerate(order):
+                agent = rng.choice(names)
+                prompt = prompts[agent] + _tokens(rng, dynamic_len, vocab)
+                view = steps(stage, agent, last_round=round_index == cycles - 1)
+                calls.append(Call(wid, agent, prompt, fixed_len, view, output_len, start=t))
+                t += duration * rng.uniform(1 - jitter, 1 + jitter)
+        flows.append(calls)
+    name = f"timed-{workflows}x{fixed_len}" + (f"-branch{branching_every}" if branching_every else "")
+    params = dict(workflows=workflows, fixed_len=fixed_len, speed_spread=speed_spread, jitter=jitter)
+    return Workload(name, flows, {**params, "branching_every": branching_every, "branches": branches_any})
 
 
 WORKLOADS = {
@@ -268,4 +358,5 @@ WORKLOADS = {
     "concurrent": concurrent,
     "realistic": realistic,
     "cyclic-loop": cyclic_loop,
+    "timed": timed,
 }

@@ -134,22 +134,31 @@ def test_equal_steps_across_workflows_go_by_when_they_are_needed_the_later_first
 
 
 def test_a_slow_workflows_next_agent_goes_before_a_fast_workflows_farther_one():
-    driver = CacheDriver(size=200)
-    fast = {f"f{i}": prompt for i, prompt in enumerate((agent_prompt(0), agent_prompt(1), agent_prompt(2)))}
-    cycle = list(fast)
-    # The fast workflow steps after every request of the slow one's five; the slow one steps once.
-    driver.serve(agent_prompt(5), hint("s0", 20, {"s0": 0, "s1": 1}, workflow="slow"))
-    for turn in range(6):
-        running = cycle[turn % 3]
-        steps = {a: (j - turn) % 3 for j, a in enumerate(cycle)}
-        driver.serve(fast[running] + dynamic(turn, 4), hint(running, 20, steps, workflow="fast"))
-    driver.serve(agent_prompt(5), hint("s0", 20, {"s0": 0, "s1": 1}, workflow="slow"))
-    driver.serve(agent_prompt(6), hint("s1", 20, {"s0": 1, "s1": 0}, workflow="slow"))
-    slow = driver.cache.workflows.get("slow").agents
-    fast_agents = driver.cache.workflows.get("fast").agents
-    far_fast = max(fast_agents.values(), key=lambda a: a.steps)
-    assert slow["s0"].steps < far_fast.steps  # by hops the slow one's next agent would be kept...
-    assert slow["s0"].rank > far_fast.rank  # ...but it is needed later
+    driver = CacheDriver(size=400)
+    fast_cycle, slow_cycle = ["f0", "f1", "f2"], ["s0", "s1"]
+    prompts = {name: agent_prompt(i) for i, name in enumerate(fast_cycle + slow_cycle)}
+    turns = {"fast": 0, "slow": 0}
+
+    def step(workflow: str, cycle: list[str]) -> None:
+        turn = turns[workflow]
+        steps = {a: (j - turn) % len(cycle) for j, a in enumerate(cycle)}
+        running = cycle[turn % len(cycle)]
+        driver.serve(prompts[running] + dynamic(sum(turns.values()), 4), hint(running, 20, steps, workflow))
+        turns[workflow] += 1
+
+    for _ in range(3):  # the slow workflow steps once while the fast one steps nine times
+        step("slow", slow_cycle)
+        for _ in range(9):
+            step("fast", fast_cycle)
+    step("slow", slow_cycle)
+    step("fast", fast_cycle)
+    slow = driver.cache.workflows.get("slow")
+    fast = driver.cache.workflows.get("fast")
+    assert slow.pace.interval > 5 * fast.pace.interval
+    slow_next = min((a for a in slow.agents.values() if a.steps > 0), key=lambda a: a.steps)
+    fast_farthest = max(fast.agents.values(), key=lambda a: a.steps)
+    assert slow_next.steps < fast_farthest.steps  # by hops the slow one's next agent would be kept...
+    assert slow_next.rank > fast_farthest.rank  # ...but it is needed later
 
 
 @pytest.mark.parametrize("tie_break, evicted", [("lru", "w1"), ("mru", "w2")])

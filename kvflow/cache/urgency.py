@@ -15,8 +15,18 @@ offline replay reproduces them, so every rank computes the same ranks; no wall
 clock is read. A workflow seen once has no interval yet and takes the prior:
 the smoothed interval over every workflow (1 before any was measured).
 
+A workflow that stalls (a slow tool, or it is done and nobody said so)
+would keep the expected times of its last step, earlier than anything else.
+So a workflow whose step has lasted ``REVIEW_FACTOR`` times its interval is
+reviewed: its step is now expected to last ``REVIEW_FACTOR`` times as long as
+it already has (``stretch``: the longer a wait, the longer it tends to go on),
+which moves all its agents later, and the next review comes when that runs
+out. A finished workflow's prompts thus fall behind the live ones' after a
+few reviews (each a re-rank of its agents, spaced geometrically), and a new
+step of the workflow resets the stretch.
+
 With urgency ``hops`` the rank is the steps themselves (the paper's rule),
-kept for comparison.
+kept for comparison; nothing is reviewed.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ URGENCY_MODES = ("time", "hops")
 # Weight of the newest interval in a pace. Half-weight follows a workflow that slows down or
 # speeds up within two steps, while one outlier step moves the estimate only halfway.
 SMOOTHING = 0.5
+REVIEW_FACTOR = 2
 
 
 @dataclass(eq=False)
@@ -67,9 +78,10 @@ class WorkflowPace:
     last_step: int = 0  # clock reading at its latest hinted request
     interval: float = 1.0  # smoothed clock advance between its consecutive hinted requests
     measured: bool = False  # False: ``interval`` is the prior, taken at the latest step
+    stretch: float = 0.0  # how long its current step is expected to last, set by a review
 
     def step(self) -> None:
-        """A hinted request of this workflow was admitted."""
+        """A hinted request of this workflow was admitted (the clock ticks)."""
         seen_before = self.last_step > 0
         now = self.clock.tick()
         if seen_before:
@@ -79,10 +91,19 @@ class WorkflowPace:
             self.clock.measured(gap)
         else:
             self.interval = self.clock.prior_interval
-        self.last_step = now
+        self.last_step, self.stretch = now, 0.0
+
+    @property
+    def review_at(self) -> float:
+        """The clock reading at which its current step counts as stalled (see the module docstring)."""
+        return self.last_step + max(REVIEW_FACTOR * self.interval, self.stretch)
+
+    def review(self) -> None:
+        """Its step has lasted past :attr:`review_at`: expect it to last ``REVIEW_FACTOR`` times as long."""
+        self.stretch = float(REVIEW_FACTOR * (self.clock.now - self.last_step))
 
     def expected_at(self, steps: int) -> float:
         """When an agent ``steps`` hops away is expected to run (the steps themselves with ``hops``)."""
         if self.clock.mode == "hops":
             return steps
-        return self.last_step + steps * self.interval
+        return self.last_step + steps * max(self.interval, self.stretch)

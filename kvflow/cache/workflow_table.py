@@ -25,6 +25,7 @@ with one such record (past the cap the least recently hinted workflows go first)
 
 from __future__ import annotations
 
+import heapq
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -125,6 +126,9 @@ class WorkflowTable:
         self.max_agents = max_agents  # over all workflows
         # Ranks run on this logical clock; ``clock`` (seconds) only times the TTL.
         self.logical_clock = LogicalClock(urgency)
+        # (review_at, sequence, workflow), earliest first: stalled workflows to re-rank (urgency.py).
+        self._reviews: list[tuple[float, int, WorkflowState]] = []
+        self._review_sequence = 0
         self.agent_count = 0
         # Least recently hinted first. Cap rules: past max_workflows the oldest is dropped, and
         # expire() keeps dropping the oldest while max_agents would be exceeded (never refused).
@@ -171,9 +175,27 @@ class WorkflowTable:
         steps.setdefault(hint.agent_id, 0)
         changed = self._merge_steps(workflow, steps)
         if self.logical_clock.mode == "time":
-            # The pace moved: every agent's expected time did.
+            # The pace moved: every agent's expected time did; and the clock reached other reviews.
             changed = [a for a in workflow.agents.values() if a.steps is not None]
+            changed += self._review_stalled()
+            self._schedule_review(workflow)
         return agent, changed
+
+    def _schedule_review(self, workflow: WorkflowState) -> None:
+        self._review_sequence += 1
+        heapq.heappush(self._reviews, (workflow.pace.review_at, self._review_sequence, workflow))
+
+    def _review_stalled(self) -> list[AgentState]:
+        """Stretch the workflows whose step is past its review time; return their agents."""
+        now, changed = self.logical_clock.now, []
+        while self._reviews and self._reviews[0][0] <= now:
+            due, _, workflow = heapq.heappop(self._reviews)
+            if self._workflows.get(workflow.workflow_id) is not workflow or workflow.pace.review_at != due:
+                continue  # forgotten, or stepped (and rescheduled) since
+            workflow.pace.review()
+            changed += [a for a in workflow.agents.values() if a.steps is not None]
+            self._schedule_review(workflow)
+        return changed
 
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> list[AgentState] | None:
         """Merge a steps view sent outside a request (e.g. by a registered workflow); None if unknown."""

@@ -46,15 +46,22 @@ class RecordingAllocator(TokenToKVPoolAllocator):
 
 @dataclass
 class CacheDriver:
-    """A cache on a ``size``-token pool. Only at page size 1 does the allocator record ``freed``."""
+    """A cache on a ``size``-token pool. Only at page size 1 does the allocator record ``freed``.
+
+    ``check_every`` spaces the invariant checks of :meth:`serve` (each walks the
+    whole tree): 1, the default, checks after every request; replays of
+    thousands of workflows check every ``check_every``-th and at the end.
+    """
 
     size: int
     cache_class: type = WorkflowRadixCache
     policy: str = POLICY_NAME
     policy_config: dict | None = None
     page_size: int = 1
+    check_every: int = 1
     allocator: BaseTokenToKVPoolAllocator = field(init=False)
     cache: UnifiedRadixCache = field(init=False)
+    served: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         register_eviction_policy()
@@ -121,5 +128,7 @@ class CacheDriver:
         if agent is not None:
             cache.claim(agent, tokens)
             cache.agent_finished(agent)
-        self.check_accounting()
+        self.served += 1
+        if self.served % self.check_every == 0:
+            self.check_accounting()
         return hit

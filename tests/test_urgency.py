@@ -1,0 +1,112 @@
+"""Urgency in time on the logical clock (kvflow.cache.urgency), alone and through the real cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.cache.urgency import REVIEW_FACTOR, LogicalClock, WorkflowPace
+from kvflow.cache.workflow_table import WorkflowTable
+from kvflow.harness.offline import CacheDriver
+from kvflow.hints import WorkflowHint
+
+
+def test_a_pace_is_the_smoothed_clock_advance_between_its_steps():
+    clock = LogicalClock()
+    pace, other = WorkflowPace(clock), WorkflowPace(clock)
+    pace.step()  # clock 1
+    assert not pace.measured and pace.interval == 1.0  # the prior before anything was measured
+    for _ in range(3):
+        other.step()
+    pace.step()  # clock 5: four ticks since its last step
+    assert pace.measured and pace.interval == 4.0
+    other.step()
+    other.step()
+    pace.step()  # clock 8: three ticks
+    assert pace.interval == 3.5
+    assert pace.expected_at(2) == 8 + 2 * 3.5
+
+
+def test_an_unmeasured_workflow_keeps_the_prior_of_its_own_step():
+    clock = LogicalClock()
+    measured = WorkflowPace(clock)
+    measured.step()
+    new = WorkflowPace(clock)
+    for _ in range(5):
+        measured.step()  # gaps of 1 and then 2: the prior moves
+    new.step()
+    prior_then = clock.prior_interval
+    measured.step()
+    measured.step()
+    assert clock.prior_interval != prior_then and new.interval == prior_then
+
+
+def test_a_stalled_workflow_is_expected_later_at_every_review_and_a_new_step_resets_it():
+    clock = LogicalClock()
+    stalled, live = WorkflowPace(clock), WorkflowPace(clock)
+    stalled.step()
+    stalled.step()  # interval 1
+    before = stalled.expected_at(1)
+    while clock.now < stalled.review_at:
+        live.step()
+    stalled.review()
+    assert stalled.stretch == REVIEW_FACTOR * (clock.now - stalled.last_step)
+    assert stalled.expected_at(1) > clock.now > before  # as long again as it already waited
+    assert stalled.review_at > clock.now
+    stalled.step()
+    assert stalled.stretch == 0.0
+
+
+def test_hop_urgency_ranks_by_steps_alone():
+    clock = LogicalClock("hops")
+    pace = WorkflowPace(clock)
+    pace.step()
+    pace.step()
+    assert pace.expected_at(3) == 3
+    with pytest.raises(ValueError, match="time, hops"):
+        LogicalClock("wall")
+
+
+def _serve(driver: CacheDriver, workflow: str, agent: int, steps: dict[str, int]) -> None:
+    prompt = [10_000 * (1 + sum(map(ord, workflow))) + 100 * agent + j for j in range(20)]
+    driver.serve(prompt, WorkflowHint(workflow, f"a{agent}", 20, steps))
+
+
+def test_through_the_cache_a_workflow_that_stops_falls_behind_the_live_ones():
+    driver = CacheDriver(size=400)
+    cycle = {"a0": 0, "a1": 1}
+    for turn in range(4):
+        for workflow in ("done", "live"):
+            running = turn % 2
+            _serve(driver, workflow, running, {f"a{j}": (j - running) % 2 for j in range(2)})
+    done = driver.cache.workflows.get("done").agents
+    live = driver.cache.workflows.get("live").agents
+    assert min(a.rank for a in done.values()) < max(a.rank for a in live.values())
+    for turn in range(4, 40):  # only "live" goes on; "done" is reviewed as it stalls
+        running = turn % 2
+        _serve(driver, "live", running, {f"a{j}": (j - running) % 2 for j in range(2)})
+    assert min(a.rank for a in done.values()) > max(a.rank for a in live.values())
+    assert set(cycle) == set(done)  # reviews re-rank, they do not forget (that is the TTL's job)
+
+
+def test_two_caches_fed_the_same_hints_rank_alike_whatever_their_wall_clocks():
+    drivers = [CacheDriver(size=200), CacheDriver(size=200)]
+    seconds = [[0.0], [1e6]]
+    for driver, now in zip(drivers, seconds, strict=True):
+        table = driver.cache.workflows
+        driver.cache.workflows = WorkflowTable(
+            3600, 64, clock=lambda now=now: now[0], max_agents=table.max_agents
+        )
+    for turn in range(30):
+        for driver, now in zip(drivers, seconds, strict=True):
+            now[0] += 0.001 if driver is drivers[0] else 7.5  # skewed, uneven wall time
+            _serve(driver, f"w{turn % 3}", turn % 4, {f"a{j}": (j - turn) % 4 for j in range(4)})
+    ranks = [
+        {
+            (w.workflow_id, a.agent_id): a.rank
+            for w in d.cache.workflows.workflows()
+            for a in w.agents.values()
+        }
+        for d in drivers
+    ]
+    assert ranks[0] == ranks[1]
+    assert drivers[0].allocator.freed == drivers[1].allocator.freed
