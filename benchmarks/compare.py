@@ -12,8 +12,10 @@ against each baseline, and PNG plots. Configurations:
   from its agent's next use (the cheap alternative);
 - ``kvflow``: kvflow's workflow-aware eviction, device pool only;
 - ``kvflow-hicache``: kvflow's eviction on both tiers;
-- ``kvflow-mru``, ``kvflow-hicache-mru``: the same with the ``mru`` tie-break among equal steps
-  (``--radix-eviction-policy-config '{"tie_break": "mru"}'``, see ``kvflow.cache.eviction``);
+- ``kvflow-hops``, ``kvflow-hicache-hops``: the same ranked by the paper's hop counts instead of
+  expected time (``--radix-eviction-policy-config '{"urgency": "hops"}'``, see
+  ``kvflow.cache.eviction``); ``kvflow-mru``, ``kvflow-hicache-mru``: hop counts with the ``mru``
+  tie-break among equal steps;
 - ``ideal``: stock LRU with a pool large enough to keep every prompt.
 
 With ``--one-at-a-time`` servers run one after another instead of side by side
@@ -41,7 +43,8 @@ from benchmarks.workloads import WORKLOADS, Workload
 from kvflow.harness.server_process import ServerProcess
 
 HICACHE_FLAG = "--enable-hierarchical-cache"
-MRU_TIES = ["--radix-eviction-policy-config", json.dumps({"tie_break": "mru"})]
+HOPS = ["--radix-eviction-policy-config", json.dumps({"urgency": "hops"})]
+MRU_TIES = ["--radix-eviction-policy-config", json.dumps({"urgency": "hops", "tie_break": "mru"})]
 CONFIGS: dict[str, list[str]] = {
     "lru": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "lru"],
     "lru-hicache": [
@@ -54,6 +57,8 @@ CONFIGS: dict[str, list[str]] = {
     "priority": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "priority"],
     "kvflow": [],
     "kvflow-hicache": [HICACHE_FLAG],
+    "kvflow-hops": HOPS,
+    "kvflow-hicache-hops": [HICACHE_FLAG, *HOPS],
     "kvflow-mru": MRU_TIES,
     "kvflow-hicache-mru": [HICACHE_FLAG, *MRU_TIES],
     "ideal": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "lru"],

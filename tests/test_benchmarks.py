@@ -61,6 +61,7 @@ def test_compare_smoke_run_writes_table_json_and_plot(tmp_path):
     )
     # the tie-break reached the server's eviction strategy through SGLang's policy config
     assert result["runs"]["kvflow-mru"][0]["kvflow_stats"]["tie_break"] == "mru"
+    assert result["runs"]["kvflow-mru"][0]["kvflow_stats"]["urgency"]["mode"] == "hops"
     assert "| kvflow-mru |" in (tmp_path / "smoke.md").read_text()
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
@@ -70,7 +71,11 @@ def test_the_emulated_link_goes_only_to_configurations_with_a_host_tier():
         args = compare.config_args(name, 1000, ["--port", "1"], link_gbps=0.5)
         assert ("--kvflow-emulate-link-gbps" in args) == ("hicache" in name), name
     assert "--kvflow-emulate-link-gbps" not in compare.config_args("kvflow-hicache", 1000, [])
-    assert json.loads(compare.config_args("kvflow-mru", 1000, [])[1]) == {"tie_break": "mru"}
+    assert json.loads(compare.config_args("kvflow-mru", 1000, [])[1]) == {
+        "urgency": "hops",
+        "tie_break": "mru",
+    }
+    assert json.loads(compare.config_args("kvflow-hicache-hops", 1000, [])[2]) == {"urgency": "hops"}
 
 
 def test_command_line_switches_reach_the_comparison(monkeypatch, tmp_path):
