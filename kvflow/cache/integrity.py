@@ -47,11 +47,47 @@ def _name(agent: AgentState) -> str:
     return f"agent {agent.workflow_id}/{agent.agent_id}"
 
 
-def _expected_min(node: Any) -> int | None:
-    # From the children's cached values: every node is checked, so those are verified too.
+def _expected_min(node: Any) -> Any:
+    # From the owners' ranks and the children's cached values directly, never through the
+    # per-child structure (so a broken structure is caught); every node is checked, so the
+    # children's values are verified too.
     ranks = [owner.rank for owner in node.kvflow_owners if owner.rank is not None]
     ranks += [child.kvflow_min for child in node.children.values() if child.kvflow_min is not None]
     return min(ranks, default=None)
+
+
+def _check_child_structure(node: Any) -> None:
+    """``kvflow_own_min`` and the :class:`~kvflow.cache.ownership.ChildMins` agree with the tree."""
+    ranks = [owner.rank for owner in node.kvflow_owners if owner.rank is not None]
+    own = min(ranks, default=None)
+    assert node.kvflow_own_min == own, (
+        f"node {node.id}: kvflow_own_min {node.kvflow_own_min} != its owners' minimum {own}"
+    )
+    valued = {id(child): child for child in node.children.values() if child.kvflow_min is not None}
+    structure = node.kvflow_children
+    if structure is None:
+        assert not valued, f"node {node.id}: children with a value but no per-child structure"
+        return
+    recorded = structure.values
+    assert {id(child) for child in recorded} == set(valued), (
+        f"node {node.id}: per-child structure holds children "
+        f"{sorted(child.id for child in recorded)}, expected {sorted(c.id for c in valued.values())}"
+    )
+    for child, (value, _version) in recorded.items():
+        assert value == child.kvflow_min, (
+            f"node {node.id}: per-child structure has {value} for child {child.id}, "
+            f"whose kvflow_min is {child.kvflow_min}"
+        )
+    live = structure.live_entries()
+    assert len(live) == len(recorded), (
+        f"node {node.id}: {len(live)} live heap entries for {len(recorded)} children"
+    )
+    heap = structure.heap
+    for i in range(1, len(heap)):
+        assert not heap[i] < heap[(i - 1) // 2], f"node {node.id}: per-child heap order broken at {i}"
+    assert len(heap) <= 2 * len(recorded) + 8, (
+        f"node {node.id}: per-child heap of {len(heap)} entries for {len(recorded)} children"
+    )
 
 
 def check_integrity(cache: WorkflowRadixCache) -> None:
@@ -65,7 +101,12 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
 
     kvflow's side: each node's cached ``kvflow_min`` is the minimum
     ``AgentState.rank`` over the owners in its subtree (None if none has one;
-    the root, never evicted, is never refreshed and owns nothing); owners and
+    the root, never evicted, is never refreshed, owns nothing and keeps no
+    per-child structure), recomputed from the owners and children directly;
+    each node's ``kvflow_own_min`` and per-child structure
+    (:class:`~kvflow.cache.ownership.ChildMins`: exactly the children with a
+    value, at their values, one live heap entry each, heap-ordered, compacted)
+    agree with the tree; owners and
     ``agent.node`` point at each other; no agent owns two nodes; every owner is
     an agent the workflow table still tracks, and every tracked agent's node is
     in the tree.
@@ -79,6 +120,7 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
     """kvflow's own bookkeeping alone (see :func:`check_integrity`); what the server checks when idle."""
     root = cache.tree_core.root_node
     assert not root.kvflow_owners, f"the root has owners: {[_name(a) for a in root.kvflow_owners]}"
+    assert root.kvflow_children is None, "the root keeps a per-child structure"
     nodes = _tree_nodes(root)
     owners: list[Any] = []
     for node in nodes:
@@ -92,6 +134,7 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
             assert node.kvflow_min == expected, (
                 f"node {node.id}: kvflow_min {node.kvflow_min} != recomputed {expected}"
             )
+            _check_child_structure(node)
     assert len({id(owner) for owner in owners}) == len(owners), "an agent owns two nodes (or one twice)"
 
     in_tree = {id(node) for node in nodes}

@@ -3,8 +3,12 @@
 Registered as the tree-core backend ``kvflow`` (SGLang's tree-core registry).
 It adds only what the tree itself must do: new nodes start un-owned, a split
 leaves ownership on the node that keeps the boundary (the new parent inherits
-only the cached subtree minimum), deleted nodes release their owners, and
-evictions are counted by class.
+only the cached subtree minimum, holds the child in its per-child minimum
+structure and replaces it in its parent's), deleted nodes release their owners
+and leave their parent's structure, and evictions are counted by class. These
+are the only places SGLang's Python core changes a node's children or parent
+(``_add_new_node`` and ``insert_host`` add nodes with no value, which leaves
+every structure unchanged); see :mod:`kvflow.cache.ownership`.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class WorkflowTreeCore(UnifiedTreeCore):
     def _split_node(self, key: RadixKey, child: Any, split_len: int):
         new_node, action = super()._split_node(key, child, split_len)
         # The child keeps its boundary and owners; the new parent's subtree is the child's.
-        new_node.kvflow_min = child.kvflow_min
+        ownership.split(new_node, child)
         return new_node, action
 
     def _remove_leaf_from_parent(self, node: Any) -> None:
