@@ -165,7 +165,8 @@ class Prefetcher:
         available = allocator.available_size()
         if available >= tokens:
             return True
-        if available + _evictable_farther_than(self.cache.tree_core.root_node, rank) < tokens:
+        needed = tokens - available
+        if _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
             return False
         self.cache.evict(EvictParams(num_tokens=tokens - available))
         return allocator.available_size() >= tokens
@@ -215,28 +216,37 @@ def _evicted_path(node: Any) -> list[Any]:
     return path
 
 
-def _evictable_farther_than(root: Any, rank: int) -> int:
+def _evictable_farther_than(root: Any, rank: Any, needed: float = math.inf) -> int:
     """Device tokens eviction may take before touching any owner ranked <= ``rank`` (``AgentState.rank``).
 
     Qualifying nodes (no owner below, or every owner farther) form whole
-    subtrees, and eviction order exhausts them first.
+    subtrees, and eviction order exhausts them first. The count stops as soon
+    as it reaches ``needed`` (then it is some number >= ``needed``, not the
+    total): a caller asking "is there room for ``needed`` more?" pays only for
+    the nodes it looks at until the answer is yes. Device-evicted nodes are
+    skipped with their subtrees (SGLang keeps no device KV below an evicted node).
     """
     total, stack = 0, list(root.children.values())
-    while stack:
+    while stack and total < needed:
         node = stack.pop()
+        if node.component_data[ComponentType.FULL].value is None:
+            continue
         if node.kvflow_min is None or node.kvflow_min > rank:
-            total += _unlocked_device_tokens(node)
+            total += _unlocked_device_tokens(node, needed - total)
         else:
             stack.extend(node.children.values())
     return total
 
 
-def _unlocked_device_tokens(node: Any) -> int:
+def _unlocked_device_tokens(node: Any, needed: float = math.inf) -> int:
+    """Unlocked device tokens in ``node``'s subtree, counting stopped once ``needed`` are found."""
     total, stack = 0, [node]
-    while stack:
+    while stack and total < needed:
         current = stack.pop()
         data = current.component_data[ComponentType.FULL]
-        if data.value is not None and data.lock_ref == 0:
+        if data.value is None:
+            continue  # and nothing below it is on the device
+        if data.lock_ref == 0:
             total += len(current.key)
         stack.extend(current.children.values())
     return total
