@@ -113,6 +113,43 @@ def markdown_table(medians: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+PREFETCH_COUNTERS = ("issued", "timely", "late", "wasted", "held", "skipped_no_room")
+
+
+def kvflow_counters(runs: list[dict]) -> dict[str, float] | None:
+    """Median per run of the kvflow server's prefetch counters.
+
+    The server's counters are cumulative, so each run's share is its difference to the run
+    before it on the same server (the first run's share includes the server's warm-up calls).
+    None for a server without a prefetcher (a stock configuration, or no host tier).
+    """
+    stats = [r.get("kvflow_stats") for r in runs]
+    if not stats or any(s is None or s.get("prefetch") is None for s in stats):
+        return None
+    cumulative = [{k: s["prefetch"][k] for k in PREFETCH_COUNTERS} for s in stats]
+    deltas = [
+        {k: now[k] - (before[k] if before else 0) for k in now}
+        for before, now in zip([None, *cumulative[:-1]], cumulative, strict=True)
+    ]
+    return {k: statistics.median(d[k] for d in deltas) for k in PREFETCH_COUNTERS}
+
+
+def counters_table(runs: dict[str, list[dict]]) -> str:
+    """The prefetch counters beside the latency table, per kvflow configuration with a host tier."""
+    rows = {name: c for name, rs in runs.items() if (c := kvflow_counters(rs)) is not None}
+    if not rows:
+        return ""
+    lines = [
+        "Prefetches per run (median of the differences between consecutive runs of each server):",
+        "",
+        "| config | " + " | ".join(PREFETCH_COUNTERS) + " |",
+        "|---" * (len(PREFETCH_COUNTERS) + 1) + "|",
+    ]
+    for name, c in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{c[k]:.0f}" for k in PREFETCH_COUNTERS) + " |")
+    return "\n".join(lines)
+
+
 def plot(medians: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -320,6 +357,9 @@ def main(argv: list[str] | None = None) -> None:
         duration_s=time.time() - started,
     )
     table = markdown_table(result["medians"])
+    counters = counters_table(result["runs"])
+    if counters:
+        table += "\n\n" + counters
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     pools = ", ".join(f"{k} {v}" for k, v in result["pool_tokens_actual"].items())
     header = (

@@ -106,3 +106,17 @@ def test_the_ideal_pool_keeps_every_fixed_prompt_under_stock_lru(workload):
     everything = sum(len(c.input_ids) + c.output_len for c in workload.interleaved())
     cold_misses = replay.replay_cache(workload, everything, "lru")  # first uses without a warm-up
     assert replay.replay_cache(workload, compare.ideal_pool_tokens(workload), "lru") == cold_misses
+
+
+def test_prefetch_counters_are_reported_per_run_from_the_servers_cumulative_ones():
+    def run(issued: int, wasted: int) -> dict:
+        counters = dict(
+            issued=issued, timely=issued - wasted, late=0, wasted=wasted, held=1, skipped_no_room=0
+        )
+        return {"kvflow_stats": {"prefetch": counters}}
+
+    per_run = compare.kvflow_counters([run(10, 1), run(25, 2), run(38, 6)])
+    assert per_run["issued"] == 13 and per_run["wasted"] == 1  # medians of 10/15/13 and 1/1/4
+    assert compare.kvflow_counters([{"kvflow_stats": None}]) is None
+    table = compare.counters_table({"kvflow-hicache": [run(10, 1)], "lru-hicache": [{"kvflow_stats": None}]})
+    assert "| kvflow-hicache | 10 | 9 | 0 | 1 | 1 | 0 |" in table and "lru-hicache" not in table
