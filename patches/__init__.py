@@ -81,6 +81,10 @@ SGLANG_INTERNALS = (
     ),
     "sglang.srt.mem_cache.radix_cache.RadixKey.child_key_at",
     "sglang.srt.mem_cache.radix_cache.RadixKey.match_at",
+    # The scheduler's reservation for the running requests, mirrored by patches/prefetch_hold.py.
+    "sglang.srt.managers.schedule_policy.CLIP_MAX_NEW_TOKENS",
+    "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset",
+    "sglang.srt.managers.scheduler_components.new_token_ratio_tracker.NewTokenRatioTracker.current",
     # The HTTP process's tokenizer manager, reached by the kvflow routes (stats, workflows).
     "sglang.srt.entrypoints.http_server._global_state",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",

@@ -7,6 +7,9 @@ are taken out of the waiting queue for this scheduling pass and put back at its
 head afterwards, so they are neither dispatched on unfinished KV nor trigger a
 second load; once the load is acknowledged they are matched again and use it.
 The cache counts each held request once (``prefetch.held`` in the stats).
+The same hook tells the cache how many tokens the running requests may still
+decode (SGLang's own estimate, as its ``PrefillAdder`` reserves them), so that a
+prefetch takes room only where that growth leaves some.
 The queue is filtered in place because other scheduler parts hold the list,
 and the held requests go back into ``scheduler.waiting_queue`` as it is after
 the call: when a batch forms, SGLang replaces the list with a new one
@@ -15,12 +18,31 @@ the call: when a batch forms, SGLang replaces the list with a new one
 
 from __future__ import annotations
 
+from typing import Any
+
+from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 TARGETS = ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",)
 
 
+def running_growth(running_batch: Any, new_token_ratio: float) -> float:
+    """Tokens the running requests may still decode, estimated as SGLang's ``PrefillAdder``
+    reserves them (``_get_running_request_total_token_offset``)."""
+    if running_batch is None:
+        return 0.0
+    return sum(
+        min(req.sampling_params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS)
+        * (1.0 if req.sampling_params.ignore_eos else new_token_ratio)
+        for req in running_batch.reqs
+    )
+
+
 def _hold_prefetching(original, scheduler, *args, **kwargs):
+    note_growth = getattr(scheduler.tree_cache, "kvflow_note_running_growth", None)
+    if note_growth is not None:
+        running_batch = args[0] if args else kwargs.get("running_batch")
+        note_growth(running_growth(running_batch, scheduler.new_token_ratio_tracker.current))
     blocks = getattr(scheduler.tree_cache, "kvflow_blocks", None)
     queue = scheduler.waiting_queue
     held = [req for req in queue if blocks(req)] if blocks is not None and queue else []

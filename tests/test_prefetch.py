@@ -5,8 +5,9 @@ from __future__ import annotations
 from array import array
 from types import SimpleNamespace
 
-from kvflow.patches.prefetch_hold import _hold_prefetching
+from kvflow.patches.prefetch_hold import _hold_prefetching, running_growth
 from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -21,9 +22,10 @@ def prompt(index: int, length: int = 20) -> list[int]:
     return [1000 * (index + 1) + j for j in range(length)]
 
 
-def request(tokens: list[int]) -> Req:
+def request(tokens: list[int], max_new_tokens: int = 1, ignore_eos: bool = False) -> Req:
     """A real SGLang request for ``tokens`` (no hint)."""
-    return Req(f"r{tokens[0]}", "", array("i", tokens), SamplingParams(max_new_tokens=1))
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+    return Req(f"r{tokens[0]}", "", array("i", tokens), params)
 
 
 def fill(driver: CacheDriver, steps: dict[str, int]) -> dict:
@@ -67,9 +69,11 @@ def test_requests_through_a_pending_load_are_held_and_put_back_in_order_even_whe
     assert not prefetcher.blocks(RadixKey(prompt(1) + [5, 5]))
 
     driver.cache.prefetcher = prefetcher
-    # SGLang's scheduler lends the hook only its tree cache and waiting queue.
+    # SGLang's scheduler lends the hook only its tree cache, waiting queue and new-token ratio.
     scheduler = SimpleNamespace(
-        tree_cache=driver.cache, waiting_queue=[request(prompt(1)), request(prompt(0)), request(prompt(2))]
+        tree_cache=driver.cache,
+        waiting_queue=[request(prompt(1)), request(prompt(0)), request(prompt(2))],
+        new_token_ratio_tracker=NewTokenRatioTracker(init=0.7, min=0.1, decay=0.001, current=0.7),
     )
     queue = scheduler.waiting_queue
     seen = []
@@ -155,3 +159,22 @@ def test_only_agents_due_next_are_looked_at_each_iteration():
     driver.cache.end_workflow("wf")
     prefetcher._candidates()
     assert not prefetcher.due
+
+
+def test_the_running_requests_growth_is_estimated_as_sglang_reserves_it():
+    running = [request(prompt(0), max_new_tokens=100), request(prompt(1), max_new_tokens=40, ignore_eos=True)]
+    running[0].output_ids = [1] * 20  # 80 left, at the ratio; the fixed-length one counts in full
+    assert running_growth(SimpleNamespace(reqs=running), 0.5) == 80 * 0.5 + 40
+    assert running_growth(None, 0.5) == 0
+
+
+def test_a_prefetch_leaves_room_for_what_the_running_requests_will_still_decode():
+    driver = CacheDriver(size=100)
+    agents = fill(driver, {"near": 1, "far": 5})  # 40 tokens cached, 60 free
+    prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    prefetcher.running_growth = 50
+    assert prefetcher._make_room(20, rank=agents["near"].rank)  # 60 free + 20 farther >= 20 + 50
+    assert agents["far"].node is not None  # the free slots were enough: nothing evicted yet
+    prefetcher.running_growth = 70
+    assert not prefetcher._make_room(20, rank=agents["near"].rank)  # 60 + 20 < 20 + 70: it waits
+    assert driver.cached_len(prompt(1)) == 20

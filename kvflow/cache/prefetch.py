@@ -3,12 +3,14 @@
 Runs on the scheduler thread once per iteration (from the cache's
 ``check_hicache_events``). For every agent whose steps-to-execution is between
 1 and ``steps_limit`` and whose fixed prompt is backed up on the host but not
-on the device, nearest first, it issues SGLang's own ``load_back`` for that
-path, bounded by SGLang's free load slots and ``max_tokens`` in flight. Room is
-made only from nodes no nearer agent needs: un-owned nodes and owned nodes
-ranked strictly farther (``AgentState.rank``: steps, past every in-budget
-prompt when over its workflow's share; eviction order takes those first, so
-evicting exactly the tokens they hold never reaches a nearer agent). Until a load is
+on the device, nearest first (by ``AgentState.rank``: when it is expected to
+run), it issues SGLang's own ``load_back`` for that path, bounded by SGLang's
+free load slots and ``max_tokens`` in flight. A load is issued only if it will
+survive until use: room comes only from nodes needed later than the prompt
+(un-owned nodes and owned nodes ranked strictly farther; eviction order takes
+those first, so evicting exactly the tokens they hold never reaches a nearer
+agent), and that room must also cover what the running requests may still
+decode (``running_growth``); otherwise the prompt waits. Until a load is
 acknowledged its nodes are *pending*: the scheduler holds back every waiting
 request whose prompt runs through them (``blocks``), so no batch reads KV
 before it landed and no second load is issued; once acknowledged the request
@@ -48,7 +50,7 @@ class PrefetchCounters:
     held: int = 0  # requests held back by ``blocks`` (each counted once)
     wasted: int = 0
     dropped_stale: int = 0
-    skipped_no_room: int = 0
+    skipped_no_room: int = 0  # due prompts that had to wait for room (each counted once while due)
     tokens_loaded: int = 0
 
 
@@ -64,6 +66,11 @@ class Prefetcher:
     # Agents whose steps were last set within [1, steps_limit], by id(): the only ones worth a
     # look each iteration (thousands of workflows would make a scan of every agent cost ms).
     due: dict[int, AgentState] = field(default_factory=dict)
+    # Tokens the running requests may still decode (set each scheduling pass by the scheduler hook,
+    # patches/prefetch_hold.py): room a prefetch must leave them, or its prompt is evicted again.
+    running_growth: float = 0.0
+    # Due agents found without room, by id(): counted once until issued or no longer due.
+    waiting: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.watch(
@@ -118,6 +125,7 @@ class Prefetcher:
         for key, agent in list(self.due.items()):
             if not self._is_due(agent):  # moved on, or its workflow was forgotten (steps None)
                 del self.due[key]
+                self.waiting.discard(key)
         agents = [agent for agent in self.due.values() if self._loadable(agent)]
         return sorted(agents, key=lambda a: a.rank)
 
@@ -134,7 +142,9 @@ class Prefetcher:
 
     def _issue(self) -> None:
         cache = self.cache
-        no_room: dict[int, float] = {}  # steps -> fewest tokens found not to fit, this pass
+        # Candidates come nearest first, and a farther one may take room only from KV ranked
+        # farther still, so what did not fit for one does not fit for any later one this pass.
+        too_big = math.inf
         for agent in self._candidates():
             if not cache.has_free_load_back_slot():
                 return
@@ -145,12 +155,11 @@ class Prefetcher:
             tokens = sum(len(node.key) for node in path)
             if self._pending_tokens() + tokens > self.max_tokens:
                 continue
-            # Room only shrinks during a pass, so what did not fit once need not be walked for again.
-            # By rank, not steps: an over-budget prompt must not take room from in-budget ones.
-            too_big = no_room.get(agent.rank, math.inf)
             if tokens >= too_big or not self._make_room(tokens, agent.rank):
-                no_room[agent.rank] = min(tokens, too_big)
-                self.counters.skipped_no_room += 1
+                too_big = min(tokens, too_big)
+                if id(agent) not in self.waiting:
+                    self.waiting.add(id(agent))
+                    self.counters.skipped_no_room += 1
                 continue
             # The room made may have reached this agent's workflow (TTL expiry) or its path's ancestors.
             if not self._loadable(agent) or _evicted_path(agent.node) != path:
@@ -158,17 +167,24 @@ class Prefetcher:
             if cache.load_back(agent.node.id):
                 cache.ready_to_load_host_cache()
                 self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
+                self.waiting.discard(id(agent))
                 self.counters.issued += 1
 
-    def _make_room(self, tokens: int, rank: int) -> bool:
+    def _make_room(self, tokens: int, rank: Any) -> bool:
+        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the running requests.
+
+        Room counts free slots and device KV ranked farther than ``rank`` (eviction takes that
+        first), and must cover the prompt plus what the running requests may still decode:
+        otherwise their growth would evict the loaded prompt again before its request comes.
+        Only the prompt's own shortfall is evicted now; the growth takes its share when it comes.
+        """
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
-        if available >= tokens:
-            return True
-        needed = tokens - available
-        if _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
+        needed = tokens + self.running_growth - available
+        if needed > 0 and _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
             return False
-        self.cache.evict(EvictParams(num_tokens=tokens - available))
+        if available < tokens:
+            self.cache.evict(EvictParams(num_tokens=tokens - available))
         return allocator.available_size() >= tokens
 
     # ---- request admission -----------------------------------------------

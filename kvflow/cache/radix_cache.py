@@ -84,6 +84,11 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self.prefetcher.counters.held += 1
         return blocked
 
+    def kvflow_note_running_growth(self, tokens: float) -> None:
+        """The running requests may still decode ``tokens`` (set by the scheduler hook each pass)."""
+        if self.prefetcher is not None:
+            self.prefetcher.running_growth = tokens
+
     # ---- request lifecycle -------------------------------------------------
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
