@@ -51,13 +51,13 @@ class InvocationCounters:
     fixed_tokens_from_host: int = 0
     fixed_tokens_recomputed: int = 0
 
-    def record(self, fixed_len: int, cached_tokens: int, device: int | None = None, host: int = 0) -> None:
+    def record(self, fixed_len: int, cached_tokens: int, device: int, host: int) -> None:
         """Account one finished request whose fixed prompt was ``fixed_len`` tokens.
 
-        ``device`` / ``host`` split the cached prefix by tier (device first), when known.
+        ``device`` / ``host`` split the cached prefix by tier (device first).
         """
         hit = min(fixed_len, cached_tokens)
-        from_device = hit if device is None else min(hit, device)
+        from_device = min(hit, device)
         self.invocations += 1
         self.fixed_hit_invocations += int(fixed_len > 0 and hit == fixed_len)
         self.fixed_tokens_hit += hit
