@@ -110,3 +110,14 @@ def test_two_caches_fed_the_same_hints_rank_alike_whatever_their_wall_clocks():
     ]
     assert ranks[0] == ranks[1]
     assert drivers[0].allocator.freed == drivers[1].allocator.freed
+
+
+def test_the_review_queue_stays_proportional_to_the_tracked_workflows():
+    now = [0.0]
+    table = WorkflowTable(ttl=10.0, max_workflows=1000, clock=lambda: now[0])
+    for i in range(5000):  # 100 live workflows at a time, each hinted 5 times, then left to expire
+        now[0] += 0.01
+        table.observe(WorkflowHint(f"w{i // 500}-{i % 100}", "a", 4, {"a": 0}), [1, 2, 3, 4])
+        assert len(table._reviews) <= 2 * len(table) + 64  # compacted as it grows
+        table.expire()
+    assert len(table) < 250  # the expired ones are gone, and so are their reviews at the next growth

@@ -184,14 +184,23 @@ class WorkflowTable:
     def _schedule_review(self, workflow: WorkflowState) -> None:
         self._review_sequence += 1
         heapq.heappush(self._reviews, (workflow.pace.review_at, self._review_sequence, workflow))
+        if len(self._reviews) > 2 * len(self._workflows) + 64:
+            # Entries of workflows that stepped since or were forgotten: keep each live one only.
+            self._reviews = [entry for entry in self._reviews if self._live_review(entry)]
+            heapq.heapify(self._reviews)
+
+    def _live_review(self, entry: tuple[float, int, WorkflowState]) -> bool:
+        due, _, workflow = entry
+        return self._workflows.get(workflow.workflow_id) is workflow and workflow.pace.review_at == due
 
     def _review_stalled(self) -> list[AgentState]:
         """Stretch the workflows whose step is past its review time; return their agents."""
         now, changed = self.logical_clock.now, []
         while self._reviews and self._reviews[0][0] <= now:
-            due, _, workflow = heapq.heappop(self._reviews)
-            if self._workflows.get(workflow.workflow_id) is not workflow or workflow.pace.review_at != due:
+            entry = heapq.heappop(self._reviews)
+            if not self._live_review(entry):
                 continue  # forgotten, or stepped (and rescheduled) since
+            workflow = entry[2]
             workflow.pace.review()
             changed += [a for a in workflow.agents.values() if a.steps is not None]
             self._schedule_review(workflow)
