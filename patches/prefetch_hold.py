@@ -7,9 +7,11 @@ are taken out of the waiting queue for this scheduling pass and put back at its
 head afterwards, so they are neither dispatched on unfinished KV nor trigger a
 second load; once the load is acknowledged they are matched again and use it.
 The cache counts each held request once (``prefetch.held`` in the stats).
-The same hook tells the cache how many tokens the running requests may still
-decode (SGLang's own estimate, as its ``PrefillAdder`` reserves them), so that a
-prefetch takes room only where that growth leaves some.
+The same hook tells the cache how many tokens the scheduler's requests will
+still take: what the running ones may decode (SGLang's own estimate, as its
+``PrefillAdder`` reserves them) plus what the waiting ones will prefill and
+decode; a prefetch takes room only where all of that leaves some, or the
+prompt it loads is evicted again before its request comes.
 The queue is filtered in place because other scheduler parts hold the list,
 and the held requests go back into ``scheduler.waiting_queue`` as it is after
 the call: when a batch forms, SGLang replaces the list with a new one
@@ -38,11 +40,24 @@ def running_growth(running_batch: Any, new_token_ratio: float) -> float:
     )
 
 
+def waiting_demand(waiting_queue: list, new_token_ratio: float) -> float:
+    """Tokens the waiting requests will allocate: their prompt beyond the prefix matched on the
+    device (``prefix_len``, 0 until first matched) and their output, estimated like the running ones'."""
+    return sum(
+        len(req.origin_input_ids)
+        - req.prefix_len
+        + min(req.sampling_params.max_new_tokens, CLIP_MAX_NEW_TOKENS)
+        * (1.0 if req.sampling_params.ignore_eos else new_token_ratio)
+        for req in waiting_queue
+    )
+
+
 def _hold_prefetching(original, scheduler, *args, **kwargs):
-    note_growth = getattr(scheduler.tree_cache, "kvflow_note_running_growth", None)
-    if note_growth is not None:
+    note_reserved = getattr(scheduler.tree_cache, "kvflow_note_reserved_tokens", None)
+    if note_reserved is not None:
         running_batch = args[0] if args else kwargs.get("running_batch")
-        note_growth(running_growth(running_batch, scheduler.new_token_ratio_tracker.current))
+        ratio = scheduler.new_token_ratio_tracker.current
+        note_reserved(running_growth(running_batch, ratio) + waiting_demand(scheduler.waiting_queue, ratio))
     blocks = getattr(scheduler.tree_cache, "kvflow_blocks", None)
     queue = scheduler.waiting_queue
     held = [req for req in queue if blocks(req)] if blocks is not None and queue else []

