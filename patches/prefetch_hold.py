@@ -28,14 +28,19 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 TARGETS = ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",)
 
 
+def _decode_estimate(req: Any, tokens_left: int, new_token_ratio: float) -> float:
+    """Output tokens ``req`` may still write, as SGLang's ``PrefillAdder`` reserves them
+    (``_get_running_request_total_token_offset``)."""
+    ratio = 1.0 if req.sampling_params.ignore_eos else new_token_ratio
+    return min(tokens_left, CLIP_MAX_NEW_TOKENS) * ratio
+
+
 def running_growth(running_batch: Any, new_token_ratio: float) -> float:
-    """Tokens the running requests may still decode, estimated as SGLang's ``PrefillAdder``
-    reserves them (``_get_running_request_total_token_offset``)."""
+    """Tokens the running requests may still decode."""
     if running_batch is None:
         return 0.0
     return sum(
-        min(req.sampling_params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS)
-        * (1.0 if req.sampling_params.ignore_eos else new_token_ratio)
+        _decode_estimate(req, req.sampling_params.max_new_tokens - len(req.output_ids), new_token_ratio)
         for req in running_batch.reqs
     )
 
@@ -46,8 +51,7 @@ def waiting_demand(waiting_queue: list, new_token_ratio: float) -> float:
     return sum(
         len(req.origin_input_ids)
         - req.prefix_len
-        + min(req.sampling_params.max_new_tokens, CLIP_MAX_NEW_TOKENS)
-        * (1.0 if req.sampling_params.ignore_eos else new_token_ratio)
+        + _decode_estimate(req, req.sampling_params.max_new_tokens, new_token_ratio)
         for req in waiting_queue
     )
 
@@ -57,7 +61,10 @@ def _hold_prefetching(original, scheduler, *args, **kwargs):
     if note_reserved is not None:
         running_batch = args[0] if args else kwargs.get("running_batch")
         ratio = scheduler.new_token_ratio_tracker.current
-        note_reserved(running_growth(running_batch, ratio) + waiting_demand(scheduler.waiting_queue, ratio))
+        # Summed over both queues only if the cache prefetches (it calls the estimate then).
+        note_reserved(
+            lambda: running_growth(running_batch, ratio) + waiting_demand(scheduler.waiting_queue, ratio)
+        )
     blocks = getattr(scheduler.tree_cache, "kvflow_blocks", None)
     queue = scheduler.waiting_queue
     held = [req for req in queue if blocks(req)] if blocks is not None and queue else []

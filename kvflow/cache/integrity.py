@@ -47,19 +47,22 @@ def _name(agent: AgentState) -> str:
     return f"agent {agent.workflow_id}/{agent.agent_id}"
 
 
+def _owner_ranks(node: Any) -> list[Any]:
+    return [owner.rank for owner in node.kvflow_owners if owner.rank is not None]
+
+
 def _expected_min(node: Any) -> Any:
     # From the owners' ranks and the children's cached values directly, never through the
     # per-child structure (so a broken structure is caught); every node is checked, so the
     # children's values are verified too.
-    ranks = [owner.rank for owner in node.kvflow_owners if owner.rank is not None]
+    ranks = _owner_ranks(node)
     ranks += [child.kvflow_min for child in node.children.values() if child.kvflow_min is not None]
     return min(ranks, default=None)
 
 
 def _check_child_structure(node: Any) -> None:
     """``kvflow_own_min`` and the :class:`~kvflow.cache.ownership.ChildMins` agree with the tree."""
-    ranks = [owner.rank for owner in node.kvflow_owners if owner.rank is not None]
-    own = min(ranks, default=None)
+    own = min(_owner_ranks(node), default=None)
     assert node.kvflow_own_min == own, (
         f"node {node.id}: kvflow_own_min {node.kvflow_own_min} != its owners' minimum {own}"
     )

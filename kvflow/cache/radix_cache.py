@@ -12,7 +12,7 @@ both tiers. All methods run on the scheduler thread, like SGLang's own.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from itertools import islice
 from typing import Any
@@ -84,10 +84,11 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self.prefetcher.counters.held += 1
         return blocked
 
-    def kvflow_note_reserved_tokens(self, tokens: float) -> None:
-        """The running and waiting requests will still take ``tokens`` (the scheduler hook, each pass)."""
+    def kvflow_note_reserved_tokens(self, estimate: Callable[[], float]) -> None:
+        """``estimate()`` is what the running and waiting requests will still take (the scheduler
+        hook, each pass); it is computed only when this cache prefetches."""
         if self.prefetcher is not None:
-            self.prefetcher.reserved_tokens = tokens
+            self.prefetcher.reserved_tokens = estimate()
 
     # ---- request lifecycle -------------------------------------------------
 

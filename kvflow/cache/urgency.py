@@ -40,6 +40,11 @@ SMOOTHING = 0.5
 REVIEW_FACTOR = 2
 
 
+def _smoothed(estimate: float, sample: float, measured: bool) -> float:
+    """``estimate`` moved toward ``sample``; the first sample (``measured`` False) replaces it."""
+    return estimate + SMOOTHING * (sample - estimate) if measured else float(sample)
+
+
 @dataclass(eq=False)
 class LogicalClock:
     """The cache's clock (hinted requests admitted) and the prior pace of unmeasured workflows."""
@@ -59,10 +64,8 @@ class LogicalClock:
 
     def measured(self, interval: int) -> None:
         """One workflow's interval was measured: fold it into the prior."""
-        if self._measured:
-            self.prior_interval += SMOOTHING * (interval - self.prior_interval)
-        else:
-            self.prior_interval, self._measured = float(interval), True
+        self.prior_interval = _smoothed(self.prior_interval, interval, self._measured)
+        self._measured = True
 
 
 @dataclass(eq=False)
@@ -86,7 +89,7 @@ class WorkflowPace:
         now = self.clock.tick()
         if seen_before:
             gap = now - self.last_step
-            self.interval = self.interval + SMOOTHING * (gap - self.interval) if self.measured else float(gap)
+            self.interval = _smoothed(self.interval, gap, self.measured)
             self.measured = True
             self.clock.measured(gap)
         else:
