@@ -14,7 +14,19 @@ One method per call style:
 
 * :meth:`Workflow.generate`: SGLang's ``/generate`` with ``text`` or ``input_ids``;
 * :meth:`Workflow.chat` and :meth:`Workflow.completion`: the stock ``openai``
-  client (``extra_body={"kvflow": ...}``), given or built from ``url``.
+  client (``extra_body`` carries the hint), given or built from ``url``.
+
+Every request carries the hint as ``session_params.kvflow`` and the workflow
+id as the ``X-SMG-Routing-Key`` header. That is what SGLang's router
+(``sglang-router``, ``smg``) forwards on all three endpoints (it drops other
+body fields and headers), and its ``--policy manual`` keeps every request with
+one key on one server; a server reached directly reads the same form. Behind a
+router (``router=True``) nothing but those three endpoints reaches a server:
+the graph rides in every request (``session_params.kvflow_graph``, registered
+idempotently by whichever server gets it, also the one a failed server's
+workflows move to), ``/tokenize`` is not probed, and :meth:`Workflow.close`
+cannot end the workflow (it expires after the server's ``--kvflow-hint-ttl``);
+``set_frontier`` and ``info`` need the server's URL.
 
 Fixed-prompt boundary (``fixed_prefix``): an ``int`` is a token count; a
 string (text prompts) is the agent's fixed text, which must start the prompt;
@@ -40,9 +52,10 @@ import httpx
 
 from kvflow import WORKFLOWS_ROUTE
 from kvflow.graph import AgentStepGraph
-from kvflow.hints import TRANSPORT_KEY, common_prefix_len
+from kvflow.hints import GRAPH_KEY, ROUTED_FIELD, TRANSPORT_KEY, common_prefix_len
 
 DEFAULT_MODEL = "default"
+ROUTING_HEADER = "X-SMG-Routing-Key"  # SGLang router's key for --policy manual (and consistent_hashing)
 SYSTEM_ROLES = ("system", "developer")
 _PROBES = ("0", "1")  # two continuations that differ in their first character
 
@@ -87,16 +100,22 @@ class _WorkflowBase:
         api_key: str | None = None,
         openai_client: Any = None,
         timeout: float = 300.0,
+        router: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
         self.graph = graph
         self.workflow_id = workflow_id or f"{workflow_type}:{uuid.uuid4().hex[:16]}"
         self.api_key = api_key
         self.timeout = timeout
+        self.router = router
         self._openai = openai_client
         self._owns_openai = openai_client is None
-        self._registered = graph is None
+        self._registered = graph is None or router  # behind a router the graph rides in every request
         self._prefix_lens: dict[str, int | None] = {}
+        # A header value must be ASCII; any stable key keeps a workflow on one server.
+        self.routing_key = (
+            self.workflow_id if self.workflow_id.isascii() else quote(self.workflow_id, safe="")
+        )
 
     @property
     def _path(self) -> str:
@@ -104,6 +123,9 @@ class _WorkflowBase:
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _routing_headers(self) -> dict[str, str]:
+        return {ROUTING_HEADER: self.routing_key}
 
     def _openai_args(self) -> dict[str, Any]:
         return {"base_url": f"{self.url}/v1", "api_key": self.api_key or "none", "timeout": self.timeout}
@@ -118,6 +140,20 @@ class _WorkflowBase:
             hint["fixed_prefix_len"] = fixed_prefix_len
         return hint
 
+    def _session_params(self, given: Any, agent_id: str, fixed_prefix_len: int | None) -> dict[str, Any]:
+        """``session_params`` carrying the hint (and behind a router the graph), beside ``given``'s keys."""
+        carried = {**(given or {}), TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len)}
+        if self.router and self.graph is not None:
+            carried[GRAPH_KEY] = self.graph.to_json()
+        return carried
+
+    def _missing_registry(self, error: KVFlowError) -> KVFlowError:
+        if error.status != 404:
+            return error
+        return KVFlowError(
+            404, f"{error}; no /kvflow/workflows here (behind SGLang's router? pass router=True)"
+        )
+
     # ---- fixed-prompt boundary ---------------------------------------------
 
     def _text_prefix(
@@ -127,6 +163,8 @@ class _WorkflowBase:
             return fixed_prefix
         if not isinstance(prompt, str) or not prompt.startswith(fixed_prefix):
             raise ValueError("fixed_prefix: a string fixed prefix must start the text prompt")
+        if self.router:
+            return None  # the router has no /tokenize: the server infers the boundary
         bodies = tuple({"prompt": fixed_prefix + probe} for probe in _PROBES)
         return self._cached(_Probe("text\0" + fixed_prefix, bodies))
 
@@ -140,8 +178,9 @@ class _WorkflowBase:
         count = 0
         while count < len(messages) and messages[count].get("role") in SYSTEM_ROLES:
             count += 1
-        if count == 0 or count == len(messages):
-            return None  # no system prompt, or nothing after it to tell the fixed part from
+        if count == 0 or count == len(messages) or self.router:
+            # No system prompt, nothing after it to tell the fixed part from, or no /tokenize (router).
+            return None
         system = [dict(m) for m in messages[:count]]
         role = messages[count].get("role", "user")
         bodies = tuple(
@@ -171,19 +210,17 @@ class _WorkflowBase:
         fields: dict[str, Any],
     ) -> dict[str, Any]:
         prompt = {"text": text} if text is not None else {"input_ids": list(input_ids)}
-        return {
-            **prompt,
-            "sampling_params": dict(sampling_params or {}),
-            **fields,
-            TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len),
-        }
+        session = self._session_params(fields.pop(ROUTED_FIELD, None), agent_id, fixed_prefix_len)
+        return {**prompt, "sampling_params": dict(sampling_params or {}), **fields, ROUTED_FIELD: session}
 
     def _openai_kwargs(self, agent_id: str, fixed_prefix_len: int | None, kwargs: dict[str, Any]) -> dict:
         kwargs.setdefault("model", DEFAULT_MODEL)
-        kwargs["extra_body"] = {
-            **(kwargs.get("extra_body") or {}),
-            TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len),
-        }
+        extra_body = dict(kwargs.get("extra_body") or {})
+        extra_body[ROUTED_FIELD] = self._session_params(
+            extra_body.get(ROUTED_FIELD), agent_id, fixed_prefix_len
+        )
+        kwargs["extra_body"] = extra_body
+        kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **self._routing_headers()}
         return kwargs
 
     @staticmethod
@@ -223,12 +260,15 @@ class Workflow(_WorkflowBase):
         return self._openai
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
-        return _check_response(self._http.request(method, path, json=body))
+        return _check_response(self._http.request(method, path, json=body, headers=self._routing_headers()))
 
     def register(self) -> None:
         """Register the graph (once; a no-op without a graph)."""
         if not self._registered:
-            self._request("POST", WORKFLOWS_ROUTE, self._registration())
+            try:
+                self._request("POST", WORKFLOWS_ROUTE, self._registration())
+            except KVFlowError as error:
+                raise self._missing_registry(error) from None
             self._registered = True
 
     def _resolve(self, plan: int | _Probe | None) -> int | None:
@@ -296,9 +336,10 @@ class Workflow(_WorkflowBase):
         return self._request("GET", self._path)
 
     def close(self) -> None:
-        """End the workflow on the server and release the HTTP client."""
+        """End the workflow on the server (not behind a router) and release the HTTP client."""
         try:
-            self._request("DELETE", self._path)
+            if not self.router:
+                self._request("DELETE", self._path)
         except KVFlowError as error:
             if error.status != 404:
                 raise
@@ -333,13 +374,18 @@ class AsyncWorkflow(_WorkflowBase):
         return self._openai
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        return _check_response(await self._http.request(method, path, json=body))
+        return _check_response(
+            await self._http.request(method, path, json=body, headers=self._routing_headers())
+        )
 
     async def register(self) -> None:
         """Register the graph (once; a no-op without a graph)."""
         async with self._register_lock:
             if not self._registered:
-                await self._request("POST", WORKFLOWS_ROUTE, self._registration())
+                try:
+                    await self._request("POST", WORKFLOWS_ROUTE, self._registration())
+                except KVFlowError as error:
+                    raise self._missing_registry(error) from None
                 self._registered = True
 
     async def _resolve(self, plan: int | _Probe | None) -> int | None:
@@ -408,9 +454,10 @@ class AsyncWorkflow(_WorkflowBase):
         return await self._request("GET", self._path)
 
     async def close(self) -> None:
-        """End the workflow on the server and release the HTTP client."""
+        """End the workflow on the server (not behind a router) and release the HTTP client."""
         try:
-            await self._request("DELETE", self._path)
+            if not self.router:
+                await self._request("DELETE", self._path)
         except KVFlowError as error:
             if error.status != 404:
                 raise

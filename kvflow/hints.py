@@ -7,10 +7,13 @@ A hint is a JSON object::
      "steps_to_execution": {"planner": 0, "coder": 1}}  # optional
 
 Clients send it as a top-level ``kvflow`` field (``/generate`` and the OpenAI
-endpoints), as ``custom_params.kvflow`` (OpenAI endpoints), or as an action of
+endpoints), as ``custom_params.kvflow`` (OpenAI endpoints), as an action of
 ``action_type`` ``"kvflow"`` inside SGLang's ``kv_hints`` envelope
-(``/generate``). The HTTP layer validates it with :func:`parse_hint` and hands
-it to the scheduler as a canonical JSON string under
+(``/generate``), or as ``session_params.kvflow`` (:data:`ROUTED_FIELD`, all
+three endpoints: the one field SGLang's router forwards on each of them, where
+:data:`GRAPH_KEY` beside it may carry the workflow's graph to register).
+The HTTP layer validates it with :func:`parse_hint` and hands it to the
+scheduler as a canonical JSON string under
 ``sampling_params.custom_params["kvflow"]`` (:data:`TRANSPORT_KEY`), the one
 request field SGLang carries unchanged from every endpoint to ``Req``.
 
@@ -34,6 +37,8 @@ from kvflow import NAME
 
 TRANSPORT_KEY = NAME  # also the request field a client puts a hint in
 SEAL_KEY = f"{NAME}_seal"
+ROUTED_FIELD = "session_params"  # forwarded as a free JSON object by SGLang's router on every endpoint
+GRAPH_KEY = f"{NAME}_graph"  # beside a hint in ROUTED_FIELD: its workflow's graph, registered on arrival
 _SEAL = secrets.token_hex(16)  # per process: the HTTP process writes and checks it
 KV_HINTS_ACTION_TYPE = NAME
 MAX_ID_LEN = 256

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from kvflow.client import AsyncWorkflow, KVFlowError, Workflow
+from kvflow.client import ROUTING_HEADER, AsyncWorkflow, KVFlowError, Workflow
 from kvflow.graph import AgentStepGraph
 
 GRAPH = AgentStepGraph(["planner", "coder"])
@@ -20,13 +20,18 @@ SYSTEM = "You are the planner."
 class FakeServer:
     """Records requests; ``/tokenize`` is byte-level like the embedded model."""
 
-    def __init__(self, tokenize_status: int = 200) -> None:
+    def __init__(self, tokenize_status: int = 200, registry_status: int = 201) -> None:
         self.calls: list[tuple[str, str, object]] = []
+        self.routing_keys: list[str | None] = []
         self.tokenize_status = tokenize_status
+        self.registry_status = registry_status
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
         self.calls.append((request.method, request.url.raw_path.decode(), body))
+        self.routing_keys.append(request.headers.get(ROUTING_HEADER))
+        if request.url.path == "/kvflow/workflows" and self.registry_status != 201:
+            return httpx.Response(self.registry_status, json={"message": "Not Found"})
         if request.url.path == "/tokenize":
             if self.tokenize_status != 200:
                 return httpx.Response(self.tokenize_status, json={"message": "no tokenizer"})
@@ -34,7 +39,7 @@ class FakeServer:
             return httpx.Response(200, json={"tokens": list(text.encode()), "count": len(text)})
         if request.method == "DELETE":
             return httpx.Response(404, json={"message": "not known"})
-        if request.url.path == "/generate" and body["kvflow"]["agent_id"] == "intruder":
+        if request.url.path == "/generate" and hint_of(body)["agent_id"] == "intruder":
             return httpx.Response(400, json={"message": "kvflow.agent_id: not an agent"})
         return httpx.Response(200, json={"ok": True})
 
@@ -55,6 +60,11 @@ class FakeOpenAI:
         return kwargs
 
 
+def hint_of(body: dict) -> dict:
+    """The hint a request body carries (the SDK sends it in ``session_params``)."""
+    return body["session_params"]["kvflow"]
+
+
 def workflow_with(server: FakeServer, graph: AgentStepGraph | None = GRAPH, **options) -> Workflow:
     workflow = Workflow("http://kvflow.test/", graph, openai_client=FakeOpenAI(), **options)
     workflow._http = httpx.Client(base_url=workflow.url, transport=httpx.MockTransport(server))
@@ -70,8 +80,9 @@ def test_registers_once_before_the_first_call_and_ends_on_close():
     registration = server.calls[0][2]
     assert registration == {"workflow_id": "team/7", "graph": GRAPH.to_json()}
     body = server.calls[1][2]
-    assert body["kvflow"] == {"workflow_id": "team/7", "agent_id": "planner"}
+    assert body["session_params"] == {"kvflow": {"workflow_id": "team/7", "agent_id": "planner"}}
     assert body["input_ids"] == [1, 2, 3] and body["sampling_params"] == {"max_new_tokens": 1}
+    assert server.routing_keys == ["team/7"] * 4  # every request of the workflow, registration included
 
 
 def test_without_a_graph_nothing_is_registered_and_ids_carry_the_type():
@@ -89,7 +100,7 @@ def test_text_fixed_prefix_is_measured_once_with_tokenize():
         workflow.generate("planner", text=SYSTEM + task, fixed_prefix=SYSTEM)
     assert server.paths().count("/tokenize") == 2  # two probes, once
     assert [c[2]["prompt"] for c in server.calls if c[1] == "/tokenize"] == [SYSTEM + "0", SYSTEM + "1"]
-    assert server.calls[-1][2]["kvflow"]["fixed_prefix_len"] == len(SYSTEM)
+    assert hint_of(server.calls[-1][2])["fixed_prefix_len"] == len(SYSTEM)
     with pytest.raises(ValueError, match="must start the text prompt"):
         workflow.generate("planner", text="other", fixed_prefix=SYSTEM)
     with pytest.raises(ValueError, match="exactly one of text and input_ids"):
@@ -100,7 +111,7 @@ def test_without_tokenize_the_boundary_is_left_to_the_server():
     server = FakeServer(tokenize_status=404)
     workflow = workflow_with(server)
     workflow.completion("planner", SYSTEM + "go", fixed_prefix=SYSTEM)
-    assert "fixed_prefix_len" not in workflow.openai.created[0]["extra_body"]["kvflow"]
+    assert "fixed_prefix_len" not in hint_of(workflow.openai.created[0]["extra_body"])
 
 
 def test_chat_marks_the_system_messages_and_rides_extra_body():
@@ -115,17 +126,16 @@ def test_chat_marks_the_system_messages_and_rides_extra_body():
     kwargs = workflow.openai.created[0]
     assert kwargs["model"] == "default" and kwargs["max_tokens"] == 3 and kwargs["messages"] == messages
     fixed = len(f"<system>{SYSTEM}<developer>Be brief.<user>")
-    assert kwargs["extra_body"] == {
-        "top_k": 1,
-        "kvflow": {"workflow_id": workflow.workflow_id, "agent_id": "planner", "fixed_prefix_len": fixed},
-    }
+    hint = {"workflow_id": workflow.workflow_id, "agent_id": "planner", "fixed_prefix_len": fixed}
+    assert kwargs["extra_body"] == {"top_k": 1, "session_params": {"kvflow": hint}}
+    assert kwargs["extra_headers"] == {ROUTING_HEADER: workflow.workflow_id}
     probe = next(c[2] for c in server.calls if c[1] == "/tokenize")
     assert probe["messages"][-1] == {"role": "user", "content": "0"}
 
     workflow.chat("planner", [{"role": "user", "content": "hi"}])  # no system prompt: nothing to mark
     workflow.chat("planner", messages, fixed_prefix=None)
     workflow.chat("planner", messages, fixed_prefix=5)
-    hints = [created["extra_body"]["kvflow"] for created in workflow.openai.created[1:]]
+    hints = [hint_of(created["extra_body"]) for created in workflow.openai.created[1:]]
     assert [h.get("fixed_prefix_len") for h in hints] == [None, None, 5]
     with pytest.raises(ValueError, match="fixed_prefix"):
         workflow.chat("planner", messages, fixed_prefix="user")
@@ -161,6 +171,40 @@ def test_async_workflow_registers_once_under_concurrency():
 
     asyncio.run(scenario())
     assert server.paths("POST").count("/kvflow/workflows") == 1
-    hints = {c[2]["kvflow"]["agent_id"]: c[2]["kvflow"] for c in server.calls if c[1] == "/generate"}
+    hints = {hint_of(c[2])["agent_id"]: hint_of(c[2]) for c in server.calls if c[1] == "/generate"}
     assert hints["planner"]["fixed_prefix_len"] == len(SYSTEM) and hints["coder"]["fixed_prefix_len"] == 1
     assert server.calls[-1][0] == "DELETE"
+
+
+def test_behind_a_router_the_graph_rides_in_every_request_beside_the_callers_session_params():
+    server = FakeServer()
+    with workflow_with(server, workflow_id="caf\u00e9:1", router=True) as workflow:
+        workflow.generate("planner", text=SYSTEM + "go", fixed_prefix=SYSTEM, session_params={"id": "s"})
+        workflow.completion("coder", "x", extra_body={"session_params": {"rid": "r"}})
+    # No registration, no /tokenize probe, no DELETE: the router forwards none of them.
+    assert server.paths() == ["/generate"]
+    session = server.calls[0][2]["session_params"]
+    assert session == {
+        "id": "s",
+        "kvflow": {"workflow_id": "caf\u00e9:1", "agent_id": "planner"},
+        **graph_doc(),
+    }
+    assert server.routing_keys == ["caf%C3%A9%3A1"]  # a header value is ASCII; still one key per workflow
+    created = workflow.openai.created[0]
+    assert created["extra_body"]["session_params"] == {
+        "rid": "r",
+        "kvflow": hint_of(created["extra_body"]),
+        **graph_doc(),
+    }
+    assert created["extra_headers"] == {ROUTING_HEADER: "caf%C3%A9%3A1"}
+
+
+def graph_doc() -> dict:
+    return {"kvflow_graph": GRAPH.to_json()}
+
+
+def test_registering_through_a_router_says_to_pass_router_true():
+    workflow = workflow_with(FakeServer(registry_status=404))
+    with pytest.raises(KVFlowError, match="router=True") as error:
+        workflow.generate("planner", text="x")
+    assert error.value.status == 404

@@ -288,3 +288,86 @@ def test_control_characters_in_ids_are_a_400_they_could_not_name_a_workflow_rout
     with pytest.raises(RegistryError) as error:
         WorkflowRegistry().register({"workflow_id": "tab\tid", "graph": CYCLE})
     assert error.value.param == "workflow_id"
+
+
+# ---- session_params: the form SGLang's router forwards -------------------------------------
+
+ROUTED_PATHS = ["/generate", "/v1/chat/completions", "/v1/completions"]
+
+
+def custom_params_of(body: dict, path: str) -> dict:
+    return body["sampling_params"]["custom_params"] if path == "/generate" else body["custom_params"]
+
+
+@pytest.mark.parametrize("path", ROUTED_PATHS)
+def test_a_session_params_hint_is_moved_and_sglang_sees_what_an_unhinted_request_would(path):
+    only_hint = {"prompt": "x", "session_params": {"kvflow": GOOD}}
+    body = json.loads(through_middleware(json.dumps(only_hint).encode(), path)[1])
+    assert "session_params" not in body and check_transport(custom_params_of(body, path)) == WorkflowHint(
+        "w", "a"
+    )
+    beside = {"prompt": "x", "session_params": {"id": "s", "kvflow": GOOD}}
+    body = json.loads(through_middleware(json.dumps(beside).encode(), path)[1])
+    assert body["session_params"] == {"id": "s"}  # SGLang's own keys stay
+    raw = b'{"prompt": "x", "session_params": {"id": "s"}}'
+    assert through_middleware(raw, path)[1] == raw
+
+
+@pytest.mark.parametrize("path", ROUTED_PATHS)
+def test_a_malformed_session_params_hint_is_a_400_naming_the_field(path):
+    raw = json.dumps({"prompt": "x", "session_params": {"kvflow": {**GOOD, "agent_id": 3}}}).encode()
+    sent, reached = through_middleware(raw, path)
+    assert error_of(sent)["param"] == "session_params.kvflow.agent_id" and reached is None
+
+
+def test_a_top_level_hint_wins_but_the_session_params_one_is_still_removed():
+    body = rewrite_body(
+        {"input_ids": [1, 2], "kvflow": GOOD, "session_params": {"kvflow": {**GOOD, "agent_id": "b"}}},
+        "/generate",
+    )
+    assert "session_params" not in body
+    assert check_transport(body["sampling_params"]["custom_params"]).agent_id == "a"
+
+
+def status_and_error(sent: list[dict]) -> tuple[int, dict]:
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def routed_request(graph: object, agent_id: str = "planner", workflow_id: str = "r") -> bytes:
+    hint = {"workflow_id": workflow_id, "agent_id": agent_id}
+    return json.dumps({"input_ids": [1], "session_params": {"kvflow": hint, "kvflow_graph": graph}}).encode()
+
+
+def test_a_graph_beside_the_hint_registers_the_workflow_once_and_fills_in_its_steps():
+    registry = WorkflowRegistry(max_workflows=1)
+    activate(registry)
+    try:
+        for _ in range(2):  # the same document with every request: registered once, accepted again
+            body = json.loads(through_middleware(routed_request(CYCLE))[1])
+            assert "session_params" not in body
+        hint = check_transport(body["sampling_params"]["custom_params"])
+        assert hint.steps_to_execution == {"planner": 0, "executor": 1}
+        assert len(registry) == 1 and registry.get("r").graph.to_json() == CYCLE
+        bad = {**CYCLE, "edges": [["planner", "nobody"]]}
+        status, error = status_and_error(through_middleware(routed_request(bad, workflow_id="s"))[0])
+        assert status == 400 and error["param"] == "session_params.kvflow_graph.edges[0]"
+        assert error["message"].startswith("session_params.kvflow_graph.edges[0]: ")
+        other = {"agents": [{"id": "planner"}], "edges": []}
+        status, error = status_and_error(through_middleware(routed_request(other))[0])
+        assert (status, error["param"], error["type"]) == (
+            409,
+            "session_params.kvflow_graph",
+            "WorkflowConflict",
+        )
+        status, error = status_and_error(through_middleware(routed_request(CYCLE, workflow_id="t"))[0])
+        assert (status, error["type"]) == (429, "RegistryFull")
+        status, error = status_and_error(through_middleware(routed_request(CYCLE, agent_id="stranger"))[0])
+        assert (status, error["param"]) == (400, "kvflow.agent_id")
+        assert registry.get("r").running() == set() and len(registry) == 1  # refused requests started nothing
+    finally:
+        activate(None)
+
+
+def test_a_graph_without_a_session_params_hint_beside_it_is_a_400():
+    raw = json.dumps({"input_ids": [1], "kvflow": GOOD, "session_params": {"kvflow_graph": CYCLE}}).encode()
+    assert error_of(through_middleware(raw)[0])["param"] == "session_params.kvflow_graph"

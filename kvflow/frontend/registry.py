@@ -102,9 +102,10 @@ class Undo:
 class RegisteredWorkflow:
     """One registered workflow: its graph and its current frontier."""
 
-    def __init__(self, workflow_id: str, graph: AgentStepGraph) -> None:
+    def __init__(self, workflow_id: str, graph: AgentStepGraph, document: Any = None) -> None:
         self.workflow_id = workflow_id
         self.graph = graph
+        self.document = document  # the graph document as registered, to recognize it again cheaply
         self.key = _graph_key(graph)
         self.agents = frozenset(graph.agents)
         self.in_flight: Counter[str] = Counter()
@@ -266,6 +267,11 @@ class WorkflowRegistry:
             raise RegistryError(f"workflow_id: {error}", "workflow_id")
         if "graph" not in body:
             raise RegistryError("graph: is required", "graph")
+        existing = self._workflows.get(workflow_id)
+        if existing is not None and existing.document == body["graph"]:
+            # The very document again (a client behind a router sends it with every request).
+            self._workflows.touch(workflow_id)
+            return existing, False
         try:
             graph = AgentStepGraph.from_json(body["graph"])
         except GraphError as error:
@@ -280,7 +286,6 @@ class WorkflowRegistry:
                 f"got {len(graph.agents)}",
                 "graph.agents",
             )
-        existing = self._workflows.get(workflow_id)
         if existing is not None:
             if existing.key != _graph_key(graph):
                 raise WorkflowConflict(
@@ -295,7 +300,7 @@ class WorkflowRegistry:
                 f"at most {self._workflows.capacity} workflows may be registered at once "
                 "(--kvflow-max-workflows); DELETE finished ones or wait for them to expire"
             )
-        workflow = RegisteredWorkflow(workflow_id, graph)
+        workflow = RegisteredWorkflow(workflow_id, graph, body["graph"])
         self._workflows.put(workflow_id, workflow)
         return workflow, True
 
