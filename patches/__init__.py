@@ -17,6 +17,7 @@ from kvflow.patches import (
     hint_middleware,
     idle_integrity,
     link_emulation,
+    metrics,
     prefetch_hold,
     request_checks,
     stats_endpoint,
@@ -27,7 +28,7 @@ from kvflow.config import KVFlowConfig
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, workflow_endpoints, idle_integrity)
+HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, workflow_endpoints, idle_integrity, metrics)
 CPU_ONLY_PATCHES = (cpu_host_tier,)  # registered only where there is no CUDA
 OPT_IN_PATCHES = (link_emulation,)  # registered only with --kvflow-emulate-link-gbps
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
@@ -91,6 +92,9 @@ SGLANG_INTERNALS = (
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.set_internal_state",
     "sglang.srt.managers.io_struct.GetInternalStateReq.rid",
     "sglang.srt.managers.io_struct.SetInternalStateReq.server_args",
+    # The scheduler's metric classes (SGLang's injectable ones), for kvflow's series (patches/metrics.py).
+    "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector._counter_cls",
+    "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector._gauge_cls",
 )
 # The CPU-only sgl_kernel stand-in (kvflow.cpu_kernels) replaces this module where there is no CUDA.
 SGL_KERNEL_STANDIN_FOR = "sgl_kernel"
