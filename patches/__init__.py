@@ -14,6 +14,7 @@ from importlib.metadata import version
 import torch
 from kvflow.patches import (
     cpu_host_tier,
+    cpu_tensor_parallel,
     hint_middleware,
     idle_integrity,
     link_emulation,
@@ -29,7 +30,7 @@ from kvflow.config import KVFlowConfig
 PINNED_SGLANG_VERSION = "0.5.23"
 
 HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, workflow_endpoints, idle_integrity, metrics)
-CPU_ONLY_PATCHES = (cpu_host_tier,)  # registered only where there is no CUDA
+CPU_ONLY_PATCHES = (cpu_host_tier, cpu_tensor_parallel)  # registered only where there is no CUDA
 OPT_IN_PATCHES = (link_emulation,)  # registered only with --kvflow-emulate-link-gbps
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
 # Every module's targets, each module listed once.
