@@ -28,7 +28,9 @@ never raises: whatever it cannot read is an un-hinted request.
 from __future__ import annotations
 
 import json
+import math
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,7 @@ TRANSPORT_KEY = NAME  # also the request field a client puts a hint in
 SEAL_KEY = f"{NAME}_seal"
 ROUTED_FIELD = "session_params"  # forwarded as a free JSON object by SGLang's router on every endpoint
 GRAPH_KEY = f"{NAME}_graph"  # beside a hint in ROUTED_FIELD: its workflow's graph, registered on arrival
+TIME_KEY = f"{NAME}_time"  # when the HTTP process wrote the transport (kvflow.cache.stamped_clock)
 _SEAL = secrets.token_hex(16)  # per process: the HTTP process writes and checks it
 KV_HINTS_ACTION_TYPE = NAME
 MAX_ID_LEN = 256
@@ -156,9 +159,9 @@ def check_fixed_prefix_len(fixed_prefix_len: int | None, prompt_len: int | None,
         )
 
 
-def transport(hint: WorkflowHint) -> dict[str, str]:
-    """The ``custom_params`` entries that carry ``hint`` to the scheduler (HTTP process)."""
-    return {TRANSPORT_KEY: hint.to_json(), SEAL_KEY: _SEAL}
+def transport(hint: WorkflowHint) -> dict[str, Any]:
+    """The ``custom_params`` entries that carry ``hint`` to the scheduler, stamped now (HTTP process)."""
+    return {TRANSPORT_KEY: hint.to_json(), SEAL_KEY: _SEAL, TIME_KEY: time.monotonic()}
 
 
 def check_transport(custom_params: Any, prefix: str = f"custom_params.{NAME}") -> WorkflowHint | None:
@@ -186,6 +189,18 @@ def decode_transport(custom_params: Any) -> WorkflowHint | None:
         return parse_hint(json.loads(encoded))
     except (ValueError, RecursionError):  # HintError and JSONDecodeError are ValueErrors
         return None
+
+
+def read_stamp(raw: Any) -> float | None:
+    """A time stamp as written by the HTTP process (finite seconds), or None."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        return None
+    return float(raw)
+
+
+def transport_time(custom_params: Any) -> float | None:
+    """The stamp :func:`transport` wrote beside a hint, or None where there is none readable."""
+    return read_stamp(custom_params.get(TIME_KEY)) if isinstance(custom_params, Mapping) else None
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

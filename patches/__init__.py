@@ -105,6 +105,10 @@ _active: list[str] = []
 
 def check_sglang_version() -> None:
     """Refuse to run against any SGLang release other than the pinned one."""
+    # SGLang's rank-consensus checker, on kvflow's cache decisions as on the base class's.
+    "sglang.srt.utils.rank_consensus_checker.rank_consensus",
+    # The app's lifespan, wrapped to send the caches the clock (patches/workflow_endpoints.py).
+    "sglang.srt.entrypoints.http_server.app.router.lifespan_context",
     installed = version("sglang")
     if installed != PINNED_SGLANG_VERSION:
         raise RuntimeError(

@@ -16,16 +16,21 @@ Targets:
   ``"kvflow:" + JSON`` (the map's values must be numbers, its keys may be any
   string); the hook pops them before SGLang validates the rest and applies
   them to the cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
-  ``WorkflowRadixCache.end_workflow``) and ``steps`` (a moved frontier: after a
-  ``PATCH``, and after each response of a registered or learned workflow).
+  ``WorkflowRadixCache.end_workflow``), ``steps`` (a moved frontier: after a
+  ``PATCH``, and after each response of a registered or learned workflow) and
+  ``clock`` (expire stale workflows). Every command carries the HTTP process's time (``at``), the only
+  time the cache reads (:mod:`kvflow.cache.stamped_clock`); the app's lifespan
+  sends a ``clock`` command every quarter TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +42,7 @@ from kvflow import NAME, WORKFLOWS_ROUTE
 from kvflow.config import KVFlowConfig
 from kvflow.frontend.graph_learning import GraphLearner
 from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate, active_registry
+from kvflow.hints import read_stamp
 
 TARGETS = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.set_internal_state",
@@ -58,6 +64,11 @@ def encode_command(command: dict[str, Any]) -> str:
 def _apply_command(cache: Any, key: str) -> bool:
     try:
         command = json.loads(key[len(COMMAND_PREFIX) :])
+        advance_clock = getattr(cache, "advance_clock", None)
+        if advance_clock is not None:
+            advance_clock(read_stamp(command.get("at")))
+        if command["op"] == "clock":
+            return advance_clock is not None
         if command["op"] == "end":
             end_workflow = getattr(cache, "end_workflow", None)
             return end_workflow is not None and end_workflow(command["workflow_id"])
@@ -100,8 +111,39 @@ async def send_commands(commands: list[dict[str, Any]]) -> bool:
     from sglang.srt.entrypoints.http_server import _global_state
     from sglang.srt.managers.io_struct import SetInternalStateReq
 
-    request = SetInternalStateReq(server_args={encode_command(c): 1 for c in commands})
+    now = time.monotonic()  # the stamp every rank's cache reads as the time (stamped_clock.py)
+    request = SetInternalStateReq(server_args={encode_command({**c, "at": now}): 1 for c in commands})
     return any(await _global_state.tokenizer_manager.set_internal_state(request))
+
+
+def clock_period(ttl: float) -> float:
+    """How often the HTTP process sends the caches the time: a quarter TTL, from 50 ms to 30 s."""
+    return min(max(ttl / 4, 0.05), 30.0)
+
+
+async def send_clock(period: float) -> None:
+    """Send the time every ``period`` seconds, so hints expire while no hinted request comes."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await send_commands([{"op": "clock"}])
+        except Exception:
+            logger.exception("sending the kvflow clock failed")
+
+
+def _with_clock(lifespan: Callable[[Any], Any], period: float) -> Callable[[Any], Any]:
+    """SGLang's app lifespan, sending the clock while the app serves."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan_with_clock(app: Any):
+        async with lifespan(app) as state:
+            task = asyncio.get_running_loop().create_task(send_clock(period))
+            try:
+                yield state
+            finally:
+                task.cancel()
+
+    return lifespan_with_clock
 
 
 class FrontierPusher:
@@ -236,6 +278,7 @@ def install(app) -> None:
     _pusher = FrontierPusher(registry)
     registry.on_change = _pusher.schedule
     activate(registry)
+    app.router.lifespan_context = _with_clock(app.router.lifespan_context, clock_period(config.hint_ttl))
     app.add_api_route(ROUTE, register_workflow, methods=["POST"])
     item = ROUTE + "/{workflow_id:path}"
     app.add_api_route(item, get_workflow, methods=["GET"])

@@ -262,5 +262,7 @@ def test_a_prefetch_whose_workflow_expires_while_room_is_made_does_not_kill_the_
         ).ok
         assert generate(server, long, tokens=60).ok
         time.sleep(2)
+        # No hinted request since: the HTTP process's clock commands expired the workflow.
+        assert summary(server)["tracked"] == {"workflows": 0, "agents": 0}
         assert_serves(server)
         assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log_tail()

@@ -28,6 +28,7 @@ from typing import Any
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
+from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from kvflow.cache.workflow_table import AgentState
 
@@ -165,11 +166,18 @@ class Prefetcher:
             # The room made may have reached this agent's workflow (TTL expiry) or its path's ancestors.
             if not self._loadable(agent) or _evicted_path(agent.node) != path:
                 continue
-            if cache.load_back(agent.node.id):
-                cache.ready_to_load_host_cache()
+            if self._load(agent):
                 self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
                 self.waiting.discard(id(agent))
                 self.counters.issued += 1
+
+    @rank_consensus(same_params=["agent.workflow_id", "agent.agent_id", "agent.node.id"], same_results=True)
+    def _load(self, agent: AgentState) -> bool:
+        """Start loading the agent's prompt from the host (every tensor-parallel rank alike)."""
+        if not self.cache.load_back(agent.node.id):
+            return False
+        self.cache.ready_to_load_host_cache()
+        return True
 
     def _make_room(self, tokens: int, rank: Any) -> bool:
         """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the scheduled requests.

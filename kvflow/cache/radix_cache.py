@@ -24,15 +24,17 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_unified_radix_cache
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
+from sglang.srt.utils.rank_consensus_checker import rank_consensus
 from kvflow import NAME
 from kvflow.cache import integrity, ownership
 from kvflow.cache.eviction import WorkflowAwareStrategy
 from kvflow.cache.prefetch import Prefetcher
 from kvflow.cache.request_state import request_state
 from kvflow.cache.tree_core import TREE_CORE_NAME
+from kvflow.cache.stamped_clock import StampedClock
 from kvflow.cache.workflow_table import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 from kvflow.config import KVFlowConfig
-from kvflow.hints import WorkflowHint, decode_transport
+from kvflow.hints import WorkflowHint, decode_transport, transport_time
 from kvflow.stats_query import StatsQuery
 
 CACHE_BACKEND_NAME = NAME
@@ -49,12 +51,18 @@ class WorkflowRadixCache(UnifiedRadixCache):
         strategy = self.tree_core.eviction_strategy
         urgency = strategy.urgency if isinstance(strategy, WorkflowAwareStrategy) else "time"
         self.workflows = WorkflowTable(
-            config.hint_ttl, config.max_workflows, max_agents=config.max_tracked_agents, urgency=urgency
+            config.hint_ttl,
+            config.max_workflows,
+            clock=self.kvflow_clock,
+            max_agents=config.max_tracked_agents,
+            urgency=urgency,
         )
         self.kvflow_totals = InvocationCounters()
         self.kvflow_hinted_requests = 0
         self.kvflow_aborted_requests = 0
         self.kvflow_config = config
+        # TTLs run on the HTTP process's stamps, never this rank's clock (stamped_clock.py).
+        self.kvflow_clock = StampedClock()
         self.prefetcher: Prefetcher | None = None
 
     def init_hicache(self, server_args: Any, params: CacheInitParams) -> None:
@@ -131,7 +139,8 @@ class WorkflowRadixCache(UnifiedRadixCache):
         """Apply the request's hint (once per request)."""
         state = request_state(req)
         state.admitted = True
-        hint = decode_transport(req.sampling_params.custom_params)
+        custom_params = req.sampling_params.custom_params
+        hint = decode_transport(custom_params)
         if hint is None:
             return
         agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
@@ -141,6 +150,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             if self.prefetcher is not None:
                 self.prefetcher.on_admit(agent, held=state.held)
 
+        self.kvflow_clock.advance(transport_time(custom_params))
     def observe_hint(
         self,
         hint: WorkflowHint,
@@ -148,6 +158,12 @@ class WorkflowRadixCache(UnifiedRadixCache):
         extra_key: str | None = None,
         cache_salt: str | None = None,
     ) -> AgentState | None:
+    # kvflow's decisions, checked by SGLang's rank-consensus checker (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1)
+    # like the base class's: every tensor-parallel rank must make them alike (stamped_clock.py).
+    @rank_consensus(
+        same_params=["hint", "len(token_ids)"],
+        same_results=["None if result is None else (result.agent_id, result.rank)"],
+    )
         """Apply one request's hint: merge steps, re-rank, and claim the agent's boundary."""
         self._expire_workflows(room_for=len(hint.steps_to_execution) + 1)
         self.kvflow_hinted_requests += 1
@@ -164,6 +180,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         return changed is not None
 
     def _rerank(self, agents: list[AgentState], workflow: WorkflowState | None) -> None:
+    @rank_consensus(same_params=True, same_results=True)
         """Re-rank the nodes of agents whose steps changed, and re-apply their workflow's budget."""
         if workflow is not None:
             agents = [*agents, *self._apply_budget(workflow)]
@@ -231,8 +248,18 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self._forget(workflow)
         return workflow is not None
 
-    def _expire_workflows(self, room_for: int = 0) -> None:
-        for workflow in self.workflows.expire(room_for):
+    @rank_consensus(same_params=True, same_results=True)
+    @rank_consensus(same_params=True)
+    def advance_clock(self, stamp: float | None) -> None:
+        """The HTTP process's time reached ``stamp`` (a kvflow command): forget the stale workflows."""
+        self.kvflow_clock.advance(stamp)
+        self._expire_workflows()
+
+    @rank_consensus(same_params=True, same_results=True)
+    def _expire_workflows(self, room_for: int = 0) -> list[str]:
+        """Forget the workflows past their TTL or the caps; return their ids."""
+        expired = self.workflows.expire(room_for)
+        for workflow in expired:
             self._forget(workflow)
 
     @staticmethod
