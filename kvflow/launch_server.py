@@ -6,16 +6,19 @@ kvflow``; pass other values (e.g. ``--radix-eviction-policy lru`` or
 ``--radix-cache-backend stock``) to run stock behaviour through the same
 launcher. Without ``--model-path`` it serves the embedded default model with
 dummy weights. Without CUDA it configures SGLang's CPU engine (and, with
-``--enable-hierarchical-cache``, the io backend and layout of the CPU host tier).
+``--enable-hierarchical-cache``, the io backend and layout of the CPU host tier;
+with ``--dp-size`` above 1, the cores each rank's scheduler binds to).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -23,6 +26,16 @@ from kvflow import NAME
 from kvflow.config import KVFlowConfig
 
 EMBEDDED_MODEL_PATH = str(Path(__file__).resolve().parent / "model")
+# SGLang's CPU engine binds each rank's OpenMP threads to the "|"-separated core group at its
+# index (sglang.srt.utils.numa_utils.init_threads_binding); unset, it asks for one NUMA node per rank.
+CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+PARALLEL_SIZE_FLAGS = (
+    ("--dp-size", "--data-parallel-size"),
+    ("--tp-size", "--tensor-parallel-size"),
+    ("--pp-size", "--pipeline-parallel-size"),
+)
+
+logger = logging.getLogger(__name__)
 
 # Defaults for SGLang's CPU engine (see ../shared/KVFLOW.md section 6), each
 # applied only when the user did not pass the flag.
@@ -84,6 +97,55 @@ def with_defaults(argv: list[str], cuda: bool) -> list[str]:
                 if not has_flag(argv, flag):
                     argv += [flag, value]
     return argv
+
+
+def _size(argv: list[str], names: tuple[str, ...]) -> int:
+    values = [value for name in names if (value := flag_value(argv, name)) is not None]
+    # SGLang's own parser reports a malformed size.
+    return int(values[-1]) if values and values[-1].isdigit() else 1
+
+
+def _core_list(cores: list[int]) -> str:
+    """``cores`` (sorted) as SGLang's core list: runs as ``a-b``, joined by commas."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def split_cores(cores: Iterable[int], ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` ranks its own share of ``cores``.
+
+    Contiguous groups, sizes differing by at most one; with fewer cores than
+    ranks, ranks share cores round robin (each rank still gets one).
+    """
+    cores = sorted(set(cores))
+    if len(cores) < ranks:
+        return "|".join(str(cores[rank % len(cores)]) for rank in range(ranks))
+    size, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + size + (rank < extra)
+        groups.append(_core_list(cores[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+def cpu_threads_bind(argv: list[str], environ: Mapping[str, str], cores: Iterable[int]) -> str | None:
+    """The ``SGLANG_CPU_OMP_THREADS_BIND`` a CPU server with data parallelism needs, or None.
+
+    None unless ``--dp-size`` is above 1 and the user set no value. One group per
+    scheduler process SGLang starts (dp x tp x pp, as it indexes them).
+    """
+    if environ.get(CPU_THREADS_BIND_ENV) or _size(argv, PARALLEL_SIZE_FLAGS[0]) <= 1:
+        return None
+    ranks = 1
+    for names in PARALLEL_SIZE_FLAGS:
+        ranks *= _size(argv, names)
+    return split_cores(cores, ranks)
 
 
 def link_emulation_error(gbps: float, cuda: bool, argv: list[str]) -> str | None:
@@ -158,8 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     if error is not None:
         parser.error(error)
     config.to_env()
+    threads_bind = None
     if not cuda:
         use_cpu_engine()
+        threads_bind = cpu_threads_bind(sglang_argv, os.environ, os.sched_getaffinity(0))
+        if threads_bind is not None:
+            os.environ[CPU_THREADS_BIND_ENV] = threads_bind
     sglang_argv = with_defaults(sglang_argv, cuda)
     error = eviction_config_error(sglang_argv)
     if error is not None:
@@ -173,12 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
+    from sglang.srt.utils.common import configure_logger
 
     from kvflow import patches
 
     load_plugins()
     patches.install_app_patches(http_server.app)
     server_args = prepare_server_args(sglang_argv)
+    if threads_bind is not None:
+        configure_logger(server_args)
+        logger.info(
+            "kvflow: %s=%s (the usable cores split between the ranks)", CPU_THREADS_BIND_ENV, threads_bind
+        )
     try:
         run_server(server_args)
     finally:

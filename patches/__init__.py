@@ -15,6 +15,7 @@ import torch
 from kvflow.patches import (
     cpu_host_tier,
     cpu_tensor_parallel,
+    dp_routing,
     hint_middleware,
     idle_integrity,
     link_emulation,
@@ -29,7 +30,15 @@ from kvflow.config import KVFlowConfig
 
 PINNED_SGLANG_VERSION = "0.5.23"
 
-HOOK_PATCHES = (request_checks, stats_endpoint, prefetch_hold, workflow_endpoints, idle_integrity, metrics)
+HOOK_PATCHES = (
+    request_checks,
+    stats_endpoint,
+    prefetch_hold,
+    workflow_endpoints,
+    idle_integrity,
+    metrics,
+    dp_routing,
+)
 CPU_ONLY_PATCHES = (cpu_host_tier, cpu_tensor_parallel)  # registered only where there is no CUDA
 OPT_IN_PATCHES = (link_emulation,)  # registered only with --kvflow-emulate-link-gbps
 APP_PATCHES = (hint_middleware, stats_endpoint, workflow_endpoints)
@@ -96,6 +105,27 @@ SGLANG_INTERNALS = (
     # The scheduler's metric classes (SGLang's injectable ones), for kvflow's series (patches/metrics.py).
     "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector._counter_cls",
     "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector._gauge_cls",
+    # Data parallel routing (patches/dp_routing.py): the field that pins a request to a rank, the
+    # hint's transport in it, the policy left alone, the schedulers' load snapshots.
+    "sglang.srt.managers.io_struct.TokenizedGenerateReqInput.routed_dp_rank",
+    "sglang.srt.sampling.sampling_params.SamplingParams.custom_params",
+    "sglang.srt.managers.data_parallel_controller.LoadBalanceMethod.FOLLOW_BOOTSTRAP_ROOM",
+    "sglang.srt.managers.load_snapshot.ShmLoadSnapshotReader.read_all",
+    "sglang.srt.managers.load_snapshot.LoadSnapshot.dp_rank",
+    "sglang.srt.managers.load_snapshot.LoadSnapshot.num_running_reqs",
+    "sglang.srt.managers.load_snapshot.LoadSnapshot.num_waiting_reqs",
+    # The rank index a scheduler labels its /kvflow/stats answer with (patches/stats_endpoint.py).
+    "sglang.srt.runtime_context.ParallelContext.dp_rank",
+    # The launcher logs the core split it chose in SGLang's format, before SGLang does.
+    "sglang.srt.utils.common.configure_logger",
+)
+# Attributes of SGLang objects kvflow reads that their class's ``__init__`` sets (so they are not
+# on the class): tests/test_patches.py finds each assignment in the source.
+SGLANG_INSTANCE_ATTRIBUTES = (
+    (
+        "sglang.srt.managers.data_parallel_controller.DataParallelController",
+        dp_routing.CONTROLLER_ATTRIBUTES,
+    ),
 )
 # The CPU-only sgl_kernel stand-in (kvflow.cpu_kernels) replaces this module where there is no CUDA.
 SGL_KERNEL_STANDIN_FOR = "sgl_kernel"

@@ -11,6 +11,10 @@ workflows (both paged by ``offset`` and ``limit``). The page asked for rides
 to the scheduler in the request's ``rid`` (``GetInternalStateReq`` has no
 other field; SGLang sends these requests one at a time and does not read
 their ``rid``).
+
+With data parallelism every DP rank has its own cache and answers: the route
+returns ``{"ranks": [...]}``, one summary per rank in rank order, each
+labelled ``dp_rank`` (the index SGLang's DP controller routes by).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ROUTE = STATS_ROUTE
 
 def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
     from kvflow.patches import active_patches
+    from sglang.srt.runtime_context import get_parallel
 
     stats = getattr(controller.scheduler.tree_cache, "kvflow_stats", None)
     if stats is not None:
@@ -41,7 +46,9 @@ def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
         rid = getattr(recv_req, "rid", None)
         if isinstance(rid, str) and rid.startswith(QUERY_RID_PREFIX):
             query = StatsQuery(**json.loads(rid[len(QUERY_RID_PREFIX) :]))
-        result.internal_state[NAME] = {**stats(query), "patches_active": active_patches()}
+        # The same rank index the scheduler publishes its load snapshot under.
+        dp_rank = get_parallel().dp_rank or 0
+        result.internal_state[NAME] = {**stats(query), "patches_active": active_patches(), "dp_rank": dp_rank}
     return result
 
 
@@ -68,6 +75,7 @@ async def kvflow_stats(request: Request) -> ORJSONResponse:
             status_code=404,
             content={"error": "the kvflow cache is not active on this server (stock --radix-cache-backend?)"},
         )
+    ranks.sort(key=lambda rank: rank["dp_rank"])
     return ORJSONResponse(ranks[0] if len(ranks) == 1 else {"ranks": ranks})
 
 

@@ -6,11 +6,14 @@ import torch
 from kvflow import launch_server
 from kvflow.config import CONFIG_ENV, KVFlowConfig
 from kvflow.launch_server import (
+    CPU_THREADS_BIND_ENV,
     EMBEDDED_MODEL_PATH,
+    cpu_threads_bind,
     eviction_config_error,
     flag_value,
     kvflow_arg_parser,
     link_emulation_error,
+    split_cores,
     with_defaults,
 )
 
@@ -102,3 +105,22 @@ def test_the_kvflow_policy_takes_only_a_known_tie_break_through_sglangs_policy_c
         eviction_config_error(["--radix-eviction-policy", "slru", "--radix-eviction-policy-config", "{}"])
         is None
     )
+
+
+def test_cores_are_split_into_one_contiguous_group_per_rank():
+    assert split_cores([0, 1], 2) == "0|1"
+    assert split_cores(range(8), 2) == "0-3|4-7"
+    assert split_cores([0, 1, 2, 3, 4, 6, 7], 3) == "0-2|3-4|6-7"
+    assert split_cores([3, 1, 2], 1) == "1-3"
+    # Fewer cores than ranks: they share, each rank still has one.
+    assert split_cores([5], 2) == "5|5" and split_cores([0, 1], 3) == "0|1|0"
+
+
+def test_data_parallel_on_cpu_binds_each_scheduler_unless_the_user_did():
+    cores = range(4)
+    assert cpu_threads_bind(["--dp-size", "2"], {}, cores) == "0-1|2-3"
+    assert cpu_threads_bind(["--data-parallel-size=2", "--tp-size", "2"], {}, cores) == "0|1|2|3"
+    assert cpu_threads_bind(["--dp-size", "2"], {CPU_THREADS_BIND_ENV: "0|0"}, cores) is None
+    assert cpu_threads_bind(["--dp-size", "1"], {}, cores) is None and cpu_threads_bind([], {}, cores) is None
+    # A malformed size is left to SGLang's parser.
+    assert cpu_threads_bind(["--dp-size", "two"], {}, cores) is None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,13 @@ def test_every_sglang_internal_kvflow_relies_on_exists(name):
     # is None until the server starts) or fields of SGLang's request structs.
     owner, _, attribute = name.rpartition(".")
     assert hasattr(pkgutil.resolve_name(owner), attribute), name
+
+
+@pytest.mark.parametrize(("owner", "attributes"), patches.SGLANG_INSTANCE_ATTRIBUTES)
+def test_every_sglang_instance_attribute_kvflow_reads_is_set_by_its_init(owner, attributes):
+    source = inspect.getsource(pkgutil.resolve_name(owner).__init__)
+    for attribute in attributes:
+        assert re.search(rf"self\.{re.escape(attribute)}\s*(:[^=\n]+)?=", source), f"{owner}.{attribute}"
 
 
 def _overrides(cls: type, base: type) -> set[str]:
