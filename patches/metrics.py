@@ -157,7 +157,8 @@ class KVFlowMetrics:
     the cache's ``kvflow_stats()``. Monotonic counts are Counters advanced by what
     the summary gained since the last update; a count that went down started again
     from zero (``/flush_cache`` resets the tree core's eviction counts) and the
-    Counter is advanced by its new value, so the series stays monotonic.
+    Counter is advanced by its new value, so the series stays monotonic (a count
+    that restarted and passed its old value before the next update is seen as growth).
     """
 
     def __init__(
@@ -205,7 +206,7 @@ class KVFlowMetrics:
                 last = self._exported.get(key)
                 if value == last:
                     continue
-                # First sight (last None) also incs by 0, so the series appears at 0 and rate() has a start.
+                # First sight incs by the whole value, 0 too: every series appears, so rate() has a start.
                 self._child(counter, spec, values).inc(
                     value - last if last is not None and value > last else value
                 )
