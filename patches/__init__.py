@@ -96,6 +96,10 @@ SGLANG_INTERNALS = (
     "sglang.srt.managers.schedule_policy.CLIP_MAX_NEW_TOKENS",
     "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset",
     "sglang.srt.managers.scheduler_components.new_token_ratio_tracker.NewTokenRatioTracker.current",
+    # SGLang's rank-consensus checker, on kvflow's cache decisions as on the base class's.
+    "sglang.srt.utils.rank_consensus_checker.rank_consensus",
+    # The app's lifespan, wrapped to send the caches the clock (patches/workflow_endpoints.py).
+    "sglang.srt.entrypoints.http_server.app.router.lifespan_context",
     # The HTTP process's tokenizer manager, reached by the kvflow routes (stats, workflows).
     "sglang.srt.entrypoints.http_server._global_state",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
@@ -135,10 +139,6 @@ _active: list[str] = []
 
 def check_sglang_version() -> None:
     """Refuse to run against any SGLang release other than the pinned one."""
-    # SGLang's rank-consensus checker, on kvflow's cache decisions as on the base class's.
-    "sglang.srt.utils.rank_consensus_checker.rank_consensus",
-    # The app's lifespan, wrapped to send the caches the clock (patches/workflow_endpoints.py).
-    "sglang.srt.entrypoints.http_server.app.router.lifespan_context",
     installed = version("sglang")
     if installed != PINNED_SGLANG_VERSION:
         raise RuntimeError(
