@@ -20,15 +20,8 @@ AGENTS, FIXED, DYNAMIC, OUTPUT, ROUNDS = 6, 200, 8, 4, 3
 # The two-tier setting of test_two_tier_e2e: a device pool for three fixed prompts, a host tier
 # for all of them, so prompts are evicted from the device and prefetched back.
 POOL = 3 * FIXED + 2 * (DYNAMIC + OUTPUT)
-COMMON = [
-    "--max-total-tokens",
-    str(POOL),
-    "--random-seed",
-    "0",
-    "--enable-hierarchical-cache",
-    "--hicache-ratio",
-    "5",
-]
+DEVICE_ONLY = ["--max-total-tokens", str(POOL), "--random-seed", "0"]
+TWO_TIER = [*DEVICE_ONLY, "--enable-hierarchical-cache", "--hicache-ratio", "5"]
 # Every decode step logged, so the scheduler publishes its metrics again as soon as it goes idle.
 METRICS = ["--enable-metrics", "--decode-log-interval", "1"]
 # SGLang publishes an idle scheduler's metrics again at most every 30 s.
@@ -37,8 +30,12 @@ CONVERGE_SECONDS = 45
 
 @pytest.fixture(scope="module")
 def servers():
-    """A kvflow server with --enable-metrics and one without, started side by side."""
-    with_metrics, without = ServerProcess([*COMMON, *METRICS]), ServerProcess(COMMON)
+    """A kvflow server with --enable-metrics and one without (device tier only), started side by side."""
+    # 600 s to start: two servers at once on a 2-core machine other tests may be loading too.
+    with_metrics, without = (
+        ServerProcess([*TWO_TIER, *METRICS], timeout=600),
+        ServerProcess(DEVICE_ONLY, timeout=600),
+    )
     try:
         for server in (with_metrics, without):
             server.start()
