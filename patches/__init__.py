@@ -90,6 +90,15 @@ SGLANG_INTERNALS = (
             "node_by_id",
         )
     ),
+    # The device-eviction walk of SGLang's Full component, which WorkflowFullComponent
+    # (kvflow.cache.victims) overrides; the cache installs it through the component override; the
+    # tree core's leaf set gains nodes only in _update_evictable_leaf_sets (its ``add``).
+    *(
+        f"sglang.srt.mem_cache.unified_cache.components.full.FullComponent.{name}"
+        for name in ("_evict_device_start", "_evict_device_next_node", "_evict_device_end")
+    ),
+    "sglang.srt.mem_cache.cache_init_params.CacheInitParams.component_registry_override",
+    f"{_TREE}._update_evictable_leaf_sets",
     "sglang.srt.mem_cache.radix_cache.RadixKey.child_key_at",
     "sglang.srt.mem_cache.radix_cache.RadixKey.match_at",
     # The scheduler's reservation for the running requests, mirrored by patches/prefetch_hold.py.

@@ -49,13 +49,20 @@ def _overrides(cls: type, base: type) -> set[str]:
 
 
 def test_every_sglang_method_kvflow_overrides_is_listed_as_an_internal():
+    from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
     from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
     from kvflow.cache.radix_cache import WorkflowRadixCache
     from kvflow.cache.tree_core import WorkflowTreeCore
+    from kvflow.cache.victims import WorkflowFullComponent
 
-    for cls, base in ((WorkflowRadixCache, UnifiedRadixCache), (WorkflowTreeCore, UnifiedTreeCore)):
+    pairs = (
+        (WorkflowRadixCache, UnifiedRadixCache),
+        (WorkflowTreeCore, UnifiedTreeCore),
+        (WorkflowFullComponent, FullComponent),
+    )
+    for cls, base in pairs:
         listed = {name.rsplit(".", 1)[-1] for name in patches.SGLANG_INTERNALS if base.__name__ in name}
         assert _overrides(cls, base) <= listed, sorted(_overrides(cls, base) - listed)
 

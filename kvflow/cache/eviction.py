@@ -55,6 +55,10 @@ class WorkflowAwareStrategy(EvictionStrategy):
         self.tie_break = tie_break
         self.urgency = urgency  # read by the cache: what an owner's rank means (kvflow.cache.urgency)
         self._tie_sign = 1 if tie_break == "lru" else -1
+        # With LRU ties a node's priority only grows when SGLang touches it and otherwise changes
+        # only with its kvflow_min, so the tree core can keep one victim heap across evictions
+        # (kvflow.cache.victims); an MRU tie falls when touched, so SGLang's per-eviction heap runs.
+        self.incremental = tie_break == "lru"
 
     def get_priority(self, node: Any) -> tuple[int, int, float, float]:
         rank = getattr(node, "kvflow_min", None)  # (over_budget, expected time), see AgentState.rank

@@ -112,7 +112,9 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
     agree with the tree; owners and
     ``agent.node`` point at each other; no agent owns two nodes; every owner is
     an agent the workflow table still tracks, and every tracked agent's node is
-    in the tree.
+    in the tree; the victim heap, where the tree core keeps one, holds every
+    evictable device leaf at or below its priority
+    (:meth:`~kvflow.cache.victims.VictimHeap.check`).
     """
     check_pool_accounting(cache)
     cache.sanity_check()
@@ -139,6 +141,9 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
             )
             _check_child_structure(node)
     assert len({id(owner) for owner in owners}) == len(owners), "an agent owns two nodes (or one twice)"
+    victims = cache.tree_core.kvflow_victims
+    if victims is not None:
+        victims.check(cache.tree_core.evictable_device_leaves)
 
     in_tree = {id(node) for node in nodes}
     tracked = [agent for workflow in cache.workflows.workflows() for agent in workflow.agents.values()]

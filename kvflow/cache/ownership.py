@@ -27,6 +27,11 @@ unchanged), :func:`split` when a node is put between a child and its parent,
 and :func:`detach_removed_node` when a leaf is deleted. SGLang's Python core
 changes children nowhere else (inserts add nodes without a value; nodes are
 never re-parented except by a split).
+
+Each change of a node's ``kvflow_min`` is reported to the tree core's victim heap
+(:meth:`kvflow.cache.victims.VictimHeap.rank_changed`), which may have to move the node
+earlier. :func:`split` needs not: its new node was entered as a leaf (if it is one) before it
+had a value, at a lower priority than it has with one, which the heap allows.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import heapq
 from itertools import count
 from typing import Any
 
+from kvflow.cache.victims import VictimHeap
 from kvflow.cache.workflow_table import AgentState
 
 _versions = count()
@@ -93,12 +99,14 @@ class ChildMins:
         return [entry for entry in self.heap if values.get(entry[2], (None, None))[1] == entry[1]]
 
 
-def init_node(node: Any) -> None:
-    """Give a freshly created tree node its (empty) ownership fields."""
+def init_node(node: Any, victims: VictimHeap | None = None) -> None:
+    """Give a freshly created tree node its (empty) ownership fields; ``victims`` is told of
+    every change of its ``kvflow_min``."""
     node.kvflow_owners = []
     node.kvflow_min = None
     node.kvflow_own_min = None
     node.kvflow_children = None
+    node.kvflow_victims = victims
 
 
 def _merge(a: Any, b: Any) -> Any:
@@ -135,6 +143,8 @@ def _propagate(node: Any) -> None:
         if value == node.kvflow_min:
             return
         node.kvflow_min = value
+        if node.kvflow_victims is not None:
+            node.kvflow_victims.rank_changed(node)
         parent = node.parent
         if parent.parent is None:
             return

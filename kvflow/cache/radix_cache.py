@@ -22,6 +22,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Mat
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_unified_radix_cache
+from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from sglang.srt.utils.rank_consensus_checker import rank_consensus
@@ -31,6 +32,7 @@ from kvflow.cache.eviction import WorkflowAwareStrategy
 from kvflow.cache.prefetch import Prefetcher
 from kvflow.cache.request_state import request_state
 from kvflow.cache.tree_core import TREE_CORE_NAME
+from kvflow.cache.victims import WorkflowFullComponent
 from kvflow.cache.stamped_clock import StampedClock
 from kvflow.cache.workflow_table import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 from kvflow.config import KVFlowConfig
@@ -46,6 +48,11 @@ class WorkflowRadixCache(UnifiedRadixCache):
     def __init__(self, params: CacheInitParams) -> None:
         config = KVFlowConfig.from_env() or KVFlowConfig()
         params.tree_core_backend = TREE_CORE_NAME
+        # Device victims come from the tree core's heap kept across evictions (kvflow.cache.victims).
+        params.component_registry_override = {
+            **(params.component_registry_override or {}),
+            ComponentType.FULL: WorkflowFullComponent,
+        }
         super().__init__(params)
         self.eviction_policy = params.eviction_policy
         strategy = self.tree_core.eviction_strategy

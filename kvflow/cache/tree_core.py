@@ -9,6 +9,10 @@ and leave their parent's structure, and evictions are counted by class. These
 are the only places SGLang's Python core changes a node's children or parent
 (``_add_new_node`` and ``insert_host`` add nodes with no value, which leaves
 every structure unchanged); see :mod:`kvflow.cache.ownership`.
+
+Where the eviction order allows it, the core also keeps its evictable device leaves in one
+:class:`~kvflow.cache.victims.VictimHeap` across evictions (``kvflow_victims``, None otherwise),
+which the cache's Full component pops victims from.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
 
 from kvflow import NAME
 from kvflow.cache import ownership
+from kvflow.cache.eviction import WorkflowAwareStrategy
+from kvflow.cache.victims import VictimHeap
 
 TREE_CORE_NAME = NAME
 
@@ -36,11 +42,23 @@ class WorkflowTreeCore(UnifiedTreeCore):
             tier: {"unowned": {"nodes": 0, "tokens": 0}, "owned": {"nodes": 0, "tokens": 0}}
             for tier in ("device", "host")
         }
+        # Before the root is made: every node gets the heap its rank changes are reported to.
+        self.kvflow_victims = self._victim_heap()
         super().reset()
+        if self.kvflow_victims is not None:
+            self.evictable_device_leaves = self.kvflow_victims.leaves
+
+    def _victim_heap(self) -> VictimHeap | None:
+        strategy = self.eviction_strategy
+        if not isinstance(strategy, WorkflowAwareStrategy) or not strategy.incremental:
+            return None
+        if self.enable_session_radix_cache:  # the Full component's priority reads session references
+            return None
+        return VictimHeap(strategy.get_priority)
 
     def _new_node(self, priority: int = 0):
         node = super()._new_node(priority)
-        ownership.init_node(node)
+        ownership.init_node(node, self.kvflow_victims)
         return node
 
     def _split_node(self, key: RadixKey, child: Any, split_len: int):
