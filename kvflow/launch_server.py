@@ -7,7 +7,7 @@ kvflow``; pass other values (e.g. ``--radix-eviction-policy lru`` or
 launcher. Without ``--model-path`` it serves the embedded default model with
 dummy weights. Without CUDA it configures SGLang's CPU engine (and, with
 ``--enable-hierarchical-cache``, the io backend and layout of the CPU host tier;
-with ``--dp-size`` above 1, the cores each rank's scheduler binds to).
+with several ranks (``--dp-size``, ``--tp-size``, ``--pp-size``), the cores each scheduler binds to).
 """
 
 from __future__ import annotations
@@ -135,16 +135,16 @@ def split_cores(cores: Iterable[int], ranks: int) -> str:
 
 
 def cpu_threads_bind(argv: list[str], environ: Mapping[str, str], cores: Iterable[int]) -> str | None:
-    """The ``SGLANG_CPU_OMP_THREADS_BIND`` a CPU server with data parallelism needs, or None.
+    """The ``SGLANG_CPU_OMP_THREADS_BIND`` a CPU server with several scheduler processes needs, or None.
 
-    None unless ``--dp-size`` is above 1 and the user set no value. One group per
+    None unless dp x tp x pp is above 1 and the user set no value. One group per
     scheduler process SGLang starts (dp x tp x pp, as it indexes them).
     """
-    if environ.get(CPU_THREADS_BIND_ENV) or _size(argv, PARALLEL_SIZE_FLAGS[0]) <= 1:
-        return None
     ranks = 1
     for names in PARALLEL_SIZE_FLAGS:
         ranks *= _size(argv, names)
+    if environ.get(CPU_THREADS_BIND_ENV) or ranks <= 1:
+        return None
     return split_cores(cores, ranks)
 
 

@@ -63,6 +63,7 @@ SGLANG_INTERNALS = (
         f"{_CACHE}.{name}"
         for name in (
             "__init__",
+            "reset",
             "init_hicache",
             "check_hicache_events",
             "match_prefix",
@@ -159,8 +160,8 @@ def check_sglang_version() -> None:
 def register_hooks() -> None:
     """Register the hook-registry patches (the caller's ``load_plugins`` applies them).
 
-    ``cpu_host_tier`` is registered only where there is no CUDA, ``link_emulation``
-    only when ``--kvflow-emulate-link-gbps`` is set.
+    The CPU-only patches (``cpu_host_tier``, ``cpu_tensor_parallel``) are registered only where
+    there is no CUDA, ``link_emulation`` only when ``--kvflow-emulate-link-gbps`` is set.
     """
     check_sglang_version()
     modules = list(HOOK_PATCHES)

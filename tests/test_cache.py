@@ -272,3 +272,19 @@ def test_ending_a_workflow_makes_its_prompts_plain_lru_at_once():
     assert driver.cache.end_workflow("wf") and not driver.cache.end_workflow("wf")
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(agent_prompt(0)) == 0 and driver.cached_len(agent_prompt(1)) == 20
+
+
+def test_a_full_reset_leaves_no_agent_owning_a_node_of_the_old_tree():
+    # SGLang's /flush_cache: the tree cache is reset and the pool cleared.
+    driver = CacheDriver(size=64)
+    hint = WorkflowHint("w", "a0", 8, {"a0": 0, "a1": 1})
+    driver.serve(list(range(10, 22)), hint)
+    agent = driver.cache.workflows.get("w").agents["a0"]
+    assert agent.node is not None
+    driver.cache.reset()
+    driver.allocator.clear()
+    assert agent.node is None
+    driver.cache.check_integrity()
+    assert driver.serve(list(range(10, 22)), hint) == 0  # the tree is empty; the workflow is still known
+    assert agent.node is not None and agent.steps is not None
+    driver.cache.check_integrity()

@@ -122,5 +122,6 @@ def test_data_parallel_on_cpu_binds_each_scheduler_unless_the_user_did():
     assert cpu_threads_bind(["--data-parallel-size=2", "--tp-size", "2"], {}, cores) == "0|1|2|3"
     assert cpu_threads_bind(["--dp-size", "2"], {CPU_THREADS_BIND_ENV: "0|0"}, cores) is None
     assert cpu_threads_bind(["--dp-size", "1"], {}, cores) is None and cpu_threads_bind([], {}, cores) is None
+    assert cpu_threads_bind(["--tp-size", "2"], {}, cores) == "0-1|2-3"  # tensor parallel alone too
     # A malformed size is left to SGLang's parser.
     assert cpu_threads_bind(["--dp-size", "two"], {}, cores) is None

@@ -24,16 +24,16 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_unified_radix_cache
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
-
 from sglang.srt.utils.rank_consensus_checker import rank_consensus
+
 from kvflow import NAME
 from kvflow.cache import integrity, ownership
 from kvflow.cache.eviction import WorkflowAwareStrategy
 from kvflow.cache.prefetch import Prefetcher
 from kvflow.cache.request_state import request_state
+from kvflow.cache.stamped_clock import StampedClock
 from kvflow.cache.tree_core import TREE_CORE_NAME
 from kvflow.cache.victims import WorkflowFullComponent
-from kvflow.cache.stamped_clock import StampedClock
 from kvflow.cache.workflow_table import AgentState, InvocationCounters, WorkflowState, WorkflowTable
 from kvflow.config import KVFlowConfig
 from kvflow.hints import WorkflowHint, decode_transport, transport_time
@@ -57,6 +57,8 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self.eviction_policy = params.eviction_policy
         strategy = self.tree_core.eviction_strategy
         urgency = strategy.urgency if isinstance(strategy, WorkflowAwareStrategy) else "time"
+        # TTLs run on the HTTP process's stamps, never this rank's clock (stamped_clock.py).
+        self.kvflow_clock = StampedClock()
         self.workflows = WorkflowTable(
             config.hint_ttl,
             config.max_workflows,
@@ -68,8 +70,6 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self.kvflow_hinted_requests = 0
         self.kvflow_aborted_requests = 0
         self.kvflow_config = config
-        # TTLs run on the HTTP process's stamps, never this rank's clock (stamped_clock.py).
-        self.kvflow_clock = StampedClock()
         self.prefetcher: Prefetcher | None = None
 
     def init_hicache(self, server_args: Any, params: CacheInitParams) -> None:
@@ -150,6 +150,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         hint = decode_transport(custom_params)
         if hint is None:
             return
+        self.kvflow_clock.advance(transport_time(custom_params))
         agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
         if agent is not None:
             state.agent = agent
@@ -157,7 +158,12 @@ class WorkflowRadixCache(UnifiedRadixCache):
             if self.prefetcher is not None:
                 self.prefetcher.on_admit(agent, held=state.held)
 
-        self.kvflow_clock.advance(transport_time(custom_params))
+    # kvflow's decisions, checked by SGLang's rank-consensus checker (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1)
+    # like the base class's: every tensor-parallel rank must make them alike (stamped_clock.py).
+    @rank_consensus(
+        same_params=["hint", "len(token_ids)"],
+        same_results=["None if result is None else (result.agent_id, result.rank)"],
+    )
     def observe_hint(
         self,
         hint: WorkflowHint,
@@ -165,12 +171,6 @@ class WorkflowRadixCache(UnifiedRadixCache):
         extra_key: str | None = None,
         cache_salt: str | None = None,
     ) -> AgentState | None:
-    # kvflow's decisions, checked by SGLang's rank-consensus checker (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1)
-    # like the base class's: every tensor-parallel rank must make them alike (stamped_clock.py).
-    @rank_consensus(
-        same_params=["hint", "len(token_ids)"],
-        same_results=["None if result is None else (result.agent_id, result.rank)"],
-    )
         """Apply one request's hint: merge steps, re-rank, and claim the agent's boundary."""
         self._expire_workflows(room_for=len(hint.steps_to_execution) + 1)
         self.kvflow_hinted_requests += 1
@@ -180,6 +180,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self._rerank(changed, self.workflows.get(hint.workflow_id))
         return agent
 
+    @rank_consensus(same_params=True, same_results=True)
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> bool:
         """Apply a steps view pushed by the server's workflow registry; False for an unknown workflow."""
         changed = self.workflows.set_steps(workflow_id, steps)
@@ -187,7 +188,6 @@ class WorkflowRadixCache(UnifiedRadixCache):
         return changed is not None
 
     def _rerank(self, agents: list[AgentState], workflow: WorkflowState | None) -> None:
-    @rank_consensus(same_params=True, same_results=True)
         """Re-rank the nodes of agents whose steps changed, and re-apply their workflow's budget."""
         if workflow is not None:
             agents = [*agents, *self._apply_budget(workflow)]
@@ -248,6 +248,20 @@ class WorkflowRadixCache(UnifiedRadixCache):
             if rebudget:
                 self._rerank([], self.workflows.get(agent.workflow_id))
 
+    def reset(self) -> None:
+        """SGLang's full reset (``/flush_cache``): the tree is rebuilt empty, so no agent owns a node
+        and no prefetch is in flight; the workflows and their steps stay (SGLang's ``__init__``
+        calls this before the workflow table exists)."""
+        super().reset()
+        if "workflows" not in vars(self):
+            return
+        for workflow in self.workflows.workflows():
+            for agent in workflow.agents.values():
+                agent.node, agent.over_budget = None, False
+        if self.prefetcher is not None:
+            self.prefetcher.forget_loads()
+
+    @rank_consensus(same_params=True, same_results=True)
     def end_workflow(self, workflow_id: str) -> bool:
         """Forget a workflow at once: its nodes become plain LRU. False if it was unknown."""
         workflow = self.workflows.pop(workflow_id)
@@ -255,7 +269,6 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self._forget(workflow)
         return workflow is not None
 
-    @rank_consensus(same_params=True, same_results=True)
     @rank_consensus(same_params=True)
     def advance_clock(self, stamp: float | None) -> None:
         """The HTTP process's time reached ``stamp`` (a kvflow command): forget the stale workflows."""
@@ -268,6 +281,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         expired = self.workflows.expire(room_for)
         for workflow in expired:
             self._forget(workflow)
+        return [workflow.workflow_id for workflow in expired]
 
     @staticmethod
     def _forget(workflow: WorkflowState) -> None:
