@@ -23,9 +23,9 @@ larger priority now is moved down to it (``heapreplace``); entries superseded by
 taken by the eviction in progress are dropped when they reach the top, without computing a
 priority. Within one eviction a node is handed out once (as by SGLang's heap); one that is
 still a leaf when the eviction ends (its write-back failed) is pushed back. A push that leaves
-the heap with more than twice as many entries as there are leaves (plus a margin) rebuilds it
-from the leaves, so its size stays O(leaves) and stale entries release their nodes; a rebuild
-costs what SGLang pays on every eviction, once per that many pushes.
+the heap with more than twice as many entries as there are leaves (plus a margin) compacts it to
+the latest entries of leaves (no priority computed), so its size stays O(leaves) and stale
+entries release their nodes; that costs O(leaves), once per as many pushes.
 
 The order is SGLang's only where priorities behave like that: the tree core uses this for the
 kvflow policy with LRU ties and without session-aware caching (whose priority also reads
@@ -72,10 +72,10 @@ class VictimHeap:
         key = node.kvflow_victim_key = self.priority(node)
         heapq.heappush(self.heap, (key, node))
         if len(self.heap) > 2 * len(self.leaves) + REBUILD_MARGIN:
-            self.heap = []
-            for leaf in self.leaves:
-                self.heap.append((self.priority(leaf), leaf))
-                leaf.kvflow_victim_key = self.heap[-1][0]
+            leaves = self.leaves
+            self.heap = [
+                entry for entry in self.heap if entry[0] is entry[1].kvflow_victim_key and entry[1] in leaves
+            ]
             heapq.heapify(self.heap)
 
     def rank_changed(self, node: Any) -> None:
