@@ -33,7 +33,8 @@ every cache, in a rotating order, before op ``i + 1``), the pool full after the 
 
 The collector is off during builds and timings (for every cache alike). Reports ops/s
 (1 / mean) and p50 / p99 latency per op, and kvflow's ratio to each stock core, to
-``benchmarks/results/cache-cost.json`` and ``.md``.
+``benchmarks/results/cache-cost.json`` and ``.md``; ``--before`` names an earlier report whose
+ratios the table shows beside the new ones, ``--note`` a line on how the run was made.
 """
 
 from __future__ import annotations
@@ -305,25 +306,58 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += [f"Rust core unavailable: {report['rust']['reason']}", ""]
     header = "| shape | agents | op | kvflow p50 / p99 | " + " | ".join(f"{b} p50 / p99" for b in bases)
     header += " | " + " | ".join(f"ratio to {b}" for b in bases) + " |"
-    lines += [header, "|" + "---|" * (4 + 2 * len(bases))]
+    before = report.get("before")
+    if before is not None:
+        header += " " + " | ".join(f"before: ratio to {b}" for b in bases) + " |"
+        lines += [f"Before: `{before['source']}` ({before['machine']}).", ""]
+    lines += [header, "|" + "---|" * (4 + (3 if before is not None else 2) * len(bases))]
     for case in report["results"]:
         for op, per in case["ops"].items():
             k = per["kvflow"]
             row = f"| {case['shape']} | {case['agents']} | {op} | {k['p50_us']} / {k['p99_us']} | "
+            earlier = before["cases"].get(_case_key(case)) if before is not None else None
+            columns = [(per, bases)] + ([(earlier["ops"].get(op), bases)] if before is not None else [])
             if op == "hint":
-                row += " | ".join("—" for _ in bases) + " | " + " | ".join("—" for _ in bases) + " |"
+                row += " | ".join("—" for _ in bases) + " | "
             else:
                 row += " | ".join(f"{per[b]['p50_us']} / {per[b]['p99_us']}" for b in bases) + " | "
-                row += " | ".join(
-                    f"{per[f'kvflow_over_{b}']} ({per[f'kvflow_over_{b}_mean']})" for b in bases
-                )
-                row += " |"
+            row += " | ".join(_ratio(ratios, b) for ratios, names in columns for b in names) + " |"
             lines.append(row)
     lines += [
         "",
         f"Target: kvflow within 1.2x of stock Python on every operation: **{report['target_met']}**.",
     ]
+    if report.get("note"):
+        lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
+
+
+def _case_key(case: dict[str, Any]) -> str:
+    return f"{case['shape']}-{case['agents']}"
+
+
+def _ratio(per: dict[str, Any] | None, base: str) -> str:
+    if per is None or f"kvflow_over_{base}" not in per:
+        return "—"
+    return f"{per[f'kvflow_over_{base}']} ({per[f'kvflow_over_{base}_mean']})"
+
+
+def _before(path: Path) -> dict[str, Any]:
+    """The ratios of an earlier report, by case, to show beside the new ones."""
+    earlier = json.loads(path.read_text())
+    return {
+        "source": path.name,
+        "machine": earlier["machine"],
+        "cases": {
+            _case_key(case): {
+                "ops": {
+                    op: {name: value for name, value in per.items() if name.startswith("kvflow_over_")}
+                    for op, per in case["ops"].items()
+                }
+            }
+            for case in earlier["results"]
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -335,6 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-rust", action="store_true", help="leave the Rust core out")
     parser.add_argument("--out", type=Path, default=RESULTS / "cache-cost.json")
+    parser.add_argument("--before", type=Path, help="an earlier report's JSON, its ratios shown beside")
+    parser.add_argument("--note", default="", help="a line on how the run was made (e.g. a shared machine)")
     args = parser.parse_args(argv)
 
     register_eviction_policy()
@@ -346,7 +382,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "rust": {"available": reason is None, "reason": reason},
         "results": [],
+        "note": args.note,
     }
+    if args.before is not None:
+        report["before"] = _before(args.before)
     for agents in args.sizes:
         for shape in args.shapes:
             start = time.perf_counter()
