@@ -111,7 +111,7 @@ class FakeChat:
 
         def create(**kwargs):
             self.calls.append(kwargs)
-            return chat_completion(kwargs["extra_body"]["kvflow"]["agent_id"])
+            return chat_completion(kwargs["extra_body"]["session_params"]["kvflow"]["agent_id"])
 
         async def acreate(**kwargs):
             return create(**kwargs)
@@ -154,11 +154,12 @@ def test_chat_model_sends_each_call_as_its_node_and_a_subgraph_as_the_outer_node
     workflow._http = httpx.Client(base_url=workflow.url, transport=httpx.MockTransport(server))
     llm = KVFlowChatModel(workflow=workflow, max_tokens=4, temperature=0)
     builder.compile().invoke({"n": 0, "log": []}, {"configurable": {"llm": llm}})
-    assert [c["extra_body"]["kvflow"]["agent_id"] for c in workflow.openai.calls] == ["first", "second"]
+    hints = [c["extra_body"]["session_params"]["kvflow"] for c in workflow.openai.calls]
+    assert [hint["agent_id"] for hint in hints] == ["first", "second"]
     call = workflow.openai.calls[0]
     assert call["messages"][0] == {"role": "system", "content": "You are an agent."}
     assert call["max_tokens"] == 4 and call["temperature"] == 0 and call["model"] == "default"
-    assert call["extra_body"]["kvflow"]["fixed_prefix_len"] > 0  # the system message, measured by /tokenize
+    assert hints[0]["fixed_prefix_len"] > 0  # the system message, measured by /tokenize
 
     with pytest.raises(ValueError, match="inside a LangGraph node"):
         llm.invoke("outside any graph")
