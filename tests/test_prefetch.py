@@ -49,18 +49,6 @@ def test_making_room_never_evicts_an_agent_that_runs_sooner():
     driver.check_accounting()
 
 
-def test_room_for_a_farther_prompt_also_covers_the_nearer_prompts_still_to_load():
-    driver = CacheDriver(size=80)
-    agents = fill(driver, {"near": 1, "mid": 2, "far": 5, "farther": 6})
-    prefetcher = Prefetcher(driver.cache, steps_limit=2)
-    # 'far' and 'farther' hold the 40 tokens ranked farther than 'mid': a 20-token prompt fits,
-    # but not behind a nearer 30-token prompt still to load, whose load would evict it again.
-    assert not prefetcher._make_room(20, rank=agents["mid"].rank, ahead=30)
-    assert agents["far"].node is not None and agents["farther"].node is not None  # nothing evicted
-    assert prefetcher._make_room(20, rank=agents["mid"].rank, ahead=20)
-    driver.check_accounting()
-
-
 def test_unowned_nodes_make_room_first():
     driver = CacheDriver(size=60)
     agents = fill(driver, {"near": 1, "far": 4})

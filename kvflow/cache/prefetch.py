@@ -10,9 +10,8 @@ survive until use: room comes only from nodes needed later than the prompt
 (un-owned nodes and owned nodes ranked strictly farther; eviction order takes
 those first, so evicting exactly the tokens they hold never reaches a nearer
 agent), and that room must also cover what the running requests may still
-decode and the waiting ones will prefill and decode (``reserved_tokens``),
-and the nearer due prompts not loaded yet, which will be first; otherwise the
-prompt waits. Until a load is
+decode and the waiting ones will prefill and decode (``reserved_tokens``);
+otherwise the prompt waits. Until a load is
 acknowledged its nodes are *pending*: the scheduler holds back every waiting
 request whose prompt runs through them (``blocks``), so no batch reads KV
 before it landed and no second load is issued; once acknowledged the request
@@ -150,11 +149,9 @@ class Prefetcher:
 
     def _issue(self) -> None:
         cache = self.cache
-        # Candidates come nearest first. A nearer prompt left waiting is loaded (prefetched later, or
-        # on demand by its request) before a farther one is used, and evicts it if the pool is short:
-        # a farther prompt needs room for those too (``ahead``). It may take room only from KV ranked
-        # farther still, so once one does not fit, none later does this pass (``full``).
-        ahead, full = 0, False
+        # Candidates come nearest first, and a farther one may take room only from KV ranked
+        # farther still, so what did not fit for one does not fit for any later one this pass.
+        too_big = math.inf
         for agent in self._candidates():
             if not cache.has_free_load_back_slot():
                 return
@@ -164,11 +161,9 @@ class Prefetcher:
             path = _evicted_path(agent.node)
             tokens = sum(len(node.key) for node in path)
             if self._pending_tokens() + tokens > self.max_tokens:
-                ahead += tokens  # issued in a later pass, before any farther prompt is used
                 continue
-            if full or not self._make_room(tokens, agent.rank, ahead):
-                full = True
-                ahead += tokens
+            if tokens >= too_big or not self._make_room(tokens, agent.rank):
+                too_big = min(tokens, too_big)
                 if id(agent) not in self.waiting:
                     self.waiting.add(id(agent))
                     self.counters.skipped_no_room += 1
@@ -189,18 +184,17 @@ class Prefetcher:
         self.cache.ready_to_load_host_cache()
         return True
 
-    def _make_room(self, tokens: int, rank: Any, ahead: int = 0) -> bool:
-        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts what comes before its use.
+    def _make_room(self, tokens: int, rank: Any) -> bool:
+        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the scheduled requests.
 
         Room counts free slots and device KV ranked farther than ``rank`` (eviction takes that
         first), and must cover the prompt plus ``reserved_tokens`` (what the running and waiting
-        requests will still take) plus ``ahead`` (nearer prompts still to be loaded): otherwise
-        they would evict the loaded prompt again before its request comes. Only the prompt's own
-        shortfall is evicted now; the others take theirs when due.
+        requests will still take): otherwise they would evict the loaded prompt again before its
+        request comes. Only the prompt's own shortfall is evicted now; they take theirs when due.
         """
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
-        needed = tokens + ahead + self.reserved_tokens - available
+        needed = tokens + self.reserved_tokens - available
         if needed > 0 and _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
             return False
         if available < tokens:
