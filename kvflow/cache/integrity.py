@@ -85,6 +85,10 @@ def _check_child_structure(node: Any) -> None:
     assert len(live) == len(recorded), (
         f"node {node.id}: {len(live)} live heap entries for {len(recorded)} children"
     )
+    for key, _version, child in live:
+        assert not recorded[child][0] < key, (
+            f"node {node.id}: child {child.id}'s heap key {key} is above its value {recorded[child][0]}"
+        )
     heap = structure.heap
     for i in range(1, len(heap)):
         assert not heap[i] < heap[(i - 1) // 2], f"node {node.id}: per-child heap order broken at {i}"
@@ -108,7 +112,8 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
     per-child structure), recomputed from the owners and children directly;
     each node's ``kvflow_own_min`` and per-child structure
     (:class:`~kvflow.cache.ownership.ChildMins`: exactly the children with a
-    value, at their values, one live heap entry each, heap-ordered, compacted)
+    value, at their values, one live heap entry each keyed at most its value, heap-ordered,
+    compacted)
     agree with the tree; owners and
     ``agent.node`` point at each other; no agent owns two nodes; every owner is
     an agent the workflow table still tracks, and every tracked agent's node is

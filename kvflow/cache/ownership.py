@@ -37,6 +37,7 @@ had a value, at a lower priority than it has with one, which the heap allows.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from itertools import count
 from typing import Any
 
@@ -50,10 +51,13 @@ class ChildMins:
     """The minimum of a node's children's values, O(log k) amortized per change.
 
     A binary heap with lazy invalidation: ``values`` maps each child with a
-    value to ``(value, version)`` (versions are unique, so a heap entry is live
-    exactly when its version is the child's current one, and tuples never
-    compare the children themselves). Stale entries are dropped when they reach
-    the top, and the heap is rebuilt from ``values`` once stale entries
+    value to ``(value, version)``, and the heap holds one live entry per child
+    (the one with its current version; versions are unique, so tuples never
+    compare the children themselves), keyed at most its value. A value that
+    falls is pushed under a new version; one that rises keeps its entry, which
+    is moved down to the current value when it reaches the top (ranks mostly
+    rise: the logical clock only moves forward). Superseded entries are dropped
+    when they reach the top, and the heap is rebuilt from ``values`` once they
     outnumber live ones, so its size stays O(live children).
     """
 
@@ -68,6 +72,10 @@ class ChildMins:
         if value is None:
             self.discard(child)
             return
+        current = self.values.get(child)
+        if current is not None and not value < current[0]:
+            self.values[child] = (value, current[1])  # its entry's key stays at most the value
+            return
         version = next(_versions)
         self.values[child] = (value, version)
         heapq.heappush(self.heap, (value, version, child))
@@ -81,11 +89,14 @@ class ChildMins:
         """The smallest recorded value, or None."""
         heap, values = self.heap, self.values
         while heap:
-            value, version, child = heap[0]
+            key, version, child = heap[0]
             current = values.get(child)
-            if current is not None and current[1] == version:
-                return value
-            heapq.heappop(heap)
+            if current is None or current[1] != version:
+                heapq.heappop(heap)
+            elif current[0] == key:
+                return key
+            else:
+                heapq.heapreplace(heap, (current[0], version, child))
         return None
 
     def _maybe_compact(self) -> None:
@@ -158,6 +169,33 @@ def refresh_upward(node: Any) -> None:
         return
     node.kvflow_own_min = owners_min(node)
     _propagate(node)
+
+
+def refresh_many(nodes: Iterable[Any]) -> None:
+    """:func:`refresh_upward` for each of ``nodes``, each parent's propagation done once.
+
+    A workflow's step re-ranks all of its agents, whose nodes are often siblings (one shared
+    prompt above many agents'): each node is recomputed, then each parent whose structure
+    changed propagates once, instead of once per child.
+    """
+    parents: dict[Any, None] = {}
+    for node in nodes:
+        if node is None or node.parent is None:
+            continue
+        own = node.kvflow_own_min = owners_min(node)
+        children = node.kvflow_children
+        value = _merge(own, None if children is None else children.min())
+        if value == node.kvflow_min:
+            continue
+        node.kvflow_min = value
+        if node.kvflow_victims is not None:
+            node.kvflow_victims.rank_changed(node)
+        parent = node.parent
+        if parent.parent is not None:
+            _set_child_value(parent, node, value)
+            parents[parent] = None
+    for parent in parents:
+        _propagate(parent)
 
 
 def assign(agent: AgentState, node: Any) -> None:

@@ -191,9 +191,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         """Re-rank the nodes of agents whose steps changed, and re-apply their workflow's budget."""
         if workflow is not None:
             agents = [*agents, *self._apply_budget(workflow)]
-        for agent in agents:
-            if agent.node is not None:
-                ownership.refresh_upward(agent.node)
+        ownership.refresh_many({agent.node: None for agent in agents})
         if self.prefetcher is not None:
             self.prefetcher.watch(agents)
 
@@ -203,9 +201,16 @@ class WorkflowRadixCache(UnifiedRadixCache):
         A node shared by several of the workflow's prompts counts once.
         """
         budget = self.kvflow_config.max_protected_fraction * self.token_to_kv_pool_allocator.size
+        agents = workflow.agents.values()
+        if sum(agent.node_tokens for agent in agents if agent.node is not None) <= budget:
+            # Its prompts' paths hold at most that many tokens: none is past the budget.
+            changed = [agent for agent in agents if agent.over_budget]
+            for agent in changed:
+                agent.over_budget = False
+            return changed
         counted: set[int] = set()
         used, changed = 0, []
-        for agent in sorted(workflow.agents.values(), key=_nearest_first):
+        for agent in sorted(agents, key=_nearest_first):
             node = agent.node
             while node is not None and node.parent is not None and id(node) not in counted:
                 counted.add(id(node))
@@ -245,6 +250,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self._apply_cache_actions(actions)
         if node is not None and node is not agent.node:
             ownership.assign(agent, node)
+            agent.node_tokens = length
             if rebudget:
                 self._rerank([], self.workflows.get(agent.workflow_id))
 

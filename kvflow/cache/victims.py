@@ -10,8 +10,9 @@ at most the node's current priority. It holds because
 
 - a node that becomes a leaf is pushed at its priority (:class:`EvictableLeaves`, the tree
   core's leaf set, sees every node SGLang adds);
-- a node whose cached subtree minimum (``kvflow_min``) changes is pushed again
-  (:func:`kvflow.cache.ownership` calls :meth:`VictimHeap.rank_changed`);
+- a node whose cached subtree minimum (``kvflow_min``) changes is pushed again if that
+  dropped its priority below its entry's key (:func:`kvflow.cache.ownership` calls
+  :meth:`VictimHeap.rank_changed`);
 - the rest of the priority, ``last_access_time``, only grows (SGLang's global counter), and the
   strategy declares (``incremental``) that a priority then only grows too (LRU ties), so a
   touched leaf's latest entry stays at or below its new priority.
@@ -79,8 +80,9 @@ class VictimHeap:
             heapq.heapify(self.heap)
 
     def rank_changed(self, node: Any) -> None:
-        """``node``'s ``kvflow_min`` changed (its priority may have dropped): re-enter it if a leaf."""
-        if node in self.leaves:
+        """``node``'s ``kvflow_min`` changed: re-enter it if a leaf whose priority dropped below its
+        entry's key (one that rose keeps its entry, moved down when it reaches the top)."""
+        if node in self.leaves and self.priority(node) < node.kvflow_victim_key:
             self.push(node)
 
     def take(self) -> Any | None:

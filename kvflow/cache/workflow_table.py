@@ -77,6 +77,7 @@ class AgentState:
     fixed_prefix_len: int | None = None
     reference_prompt: array | None = None
     node: Any = None  # the radix-tree node where its fixed prompt ends, if resident
+    node_tokens: int = 0  # the tokens from the root to ``node`` (set with it; a split keeps them)
     counters: InvocationCounters = field(default_factory=InvocationCounters)
     over_budget: bool = False  # past its workflow's share of the pool (see ``rank``)
 
