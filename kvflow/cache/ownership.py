@@ -79,11 +79,12 @@ class ChildMins:
         version = next(_versions)
         self.values[child] = (value, version)
         heapq.heappush(self.heap, (value, version, child))
-        self._maybe_compact()
+        if len(self.heap) > 2 * len(self.values) + 8:
+            self._compact()
 
     def discard(self, child: Any) -> None:
-        if self.values.pop(child, None) is not None:
-            self._maybe_compact()
+        if self.values.pop(child, None) is not None and len(self.heap) > 2 * len(self.values) + 8:
+            self._compact()
 
     def min(self) -> Any:
         """The smallest recorded value, or None."""
@@ -99,10 +100,9 @@ class ChildMins:
                 heapq.heapreplace(heap, (current[0], version, child))
         return None
 
-    def _maybe_compact(self) -> None:
-        if len(self.heap) > 2 * len(self.values) + 8:
-            self.heap = [(value, version, child) for child, (value, version) in self.values.items()]
-            heapq.heapify(self.heap)
+    def _compact(self) -> None:
+        self.heap = [(value, version, child) for child, (value, version) in self.values.items()]
+        heapq.heapify(self.heap)
 
     def live_entries(self) -> list[tuple[Any, int, Any]]:
         """The heap entries that are current (for the integrity check)."""
@@ -145,30 +145,33 @@ def _set_child_value(parent: Any, child: Any, value: Any) -> None:
     structure.set(child, value)
 
 
-def _propagate(node: Any) -> None:
+def _recompute(node: Any) -> Any | None:
+    """Recompute ``node``'s ``kvflow_min`` from its own minimum and children's structure; return
+    its parent if that changed the parent's structure (the parent must be recomputed), else None."""
+    children = node.kvflow_children
+    value = node.kvflow_own_min if children is None else _merge(node.kvflow_own_min, children.min())
+    if value == node.kvflow_min:
+        return None
+    node.kvflow_min = value
+    if node.kvflow_victims is not None:
+        node.kvflow_victims.rank_changed(node)
+    parent = node.parent
+    if parent.parent is None:
+        return None
+    _set_child_value(parent, node, value)
+    return parent
+
+
+def _propagate(node: Any | None) -> None:
     """``node``'s own minimum or children's structure changed: recompute it and its ancestors,
     stopping at the first unchanged value (the root is never refreshed)."""
-    while node.parent is not None:
-        children = node.kvflow_children
-        value = _merge(node.kvflow_own_min, None if children is None else children.min())
-        if value == node.kvflow_min:
-            return
-        node.kvflow_min = value
-        if node.kvflow_victims is not None:
-            node.kvflow_victims.rank_changed(node)
-        parent = node.parent
-        if parent.parent is None:
-            return
-        _set_child_value(parent, node, value)
-        node = parent
+    while node is not None and node.parent is not None:
+        node = _recompute(node)
 
 
 def refresh_upward(node: Any) -> None:
     """Re-read the ranks of ``node``'s owners and fix ``kvflow_min`` from there toward the root."""
-    if node is None or node.parent is None:
-        return
-    node.kvflow_own_min = owners_min(node)
-    _propagate(node)
+    refresh_many((node,))
 
 
 def refresh_many(nodes: Iterable[Any]) -> None:
@@ -182,17 +185,10 @@ def refresh_many(nodes: Iterable[Any]) -> None:
     for node in nodes:
         if node is None or node.parent is None:
             continue
-        own = node.kvflow_own_min = owners_min(node)
-        children = node.kvflow_children
-        value = _merge(own, None if children is None else children.min())
-        if value == node.kvflow_min:
-            continue
-        node.kvflow_min = value
-        if node.kvflow_victims is not None:
-            node.kvflow_victims.rank_changed(node)
-        parent = node.parent
-        if parent.parent is not None:
-            _set_child_value(parent, node, value)
+        owners = node.kvflow_owners
+        node.kvflow_own_min = owners[0].rank if len(owners) == 1 else owners_min(node)
+        parent = _recompute(node)
+        if parent is not None:
             parents[parent] = None
     for parent in parents:
         _propagate(parent)

@@ -109,4 +109,5 @@ class WorkflowPace:
         """When an agent ``steps`` hops away is expected to run (the steps themselves with ``hops``)."""
         if self.clock.mode == "hops":
             return steps
-        return self.last_step + steps * max(self.interval, self.stretch)
+        interval, stretch = self.interval, self.stretch
+        return self.last_step + steps * (interval if interval >= stretch else stretch)
