@@ -55,8 +55,7 @@ class ChildMins:
     (the one with its current version; versions are unique, so tuples never
     compare the children themselves), keyed at most its value. A value that
     falls is pushed under a new version; one that rises keeps its entry, which
-    is moved down to the current value when it reaches the top (ranks mostly
-    rise: the logical clock only moves forward). Superseded entries are dropped
+    is moved down to the current value when it reaches the top. Superseded entries are dropped
     when they reach the top, and the heap is rebuilt from ``values`` once they
     outnumber live ones, so its size stays O(live children).
     """
