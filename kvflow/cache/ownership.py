@@ -78,12 +78,11 @@ class ChildMins:
         version = next(_versions)
         self.values[child] = (value, version)
         heapq.heappush(self.heap, (value, version, child))
-        if len(self.heap) > 2 * len(self.values) + 8:
-            self._compact()
+        self._maybe_compact()
 
     def discard(self, child: Any) -> None:
-        if self.values.pop(child, None) is not None and len(self.heap) > 2 * len(self.values) + 8:
-            self._compact()
+        if self.values.pop(child, None) is not None:
+            self._maybe_compact()
 
     def min(self) -> Any:
         """The smallest recorded value, or None."""
@@ -99,9 +98,10 @@ class ChildMins:
                 heapq.heapreplace(heap, (current[0], version, child))
         return None
 
-    def _compact(self) -> None:
-        self.heap = [(value, version, child) for child, (value, version) in self.values.items()]
-        heapq.heapify(self.heap)
+    def _maybe_compact(self) -> None:
+        if len(self.heap) > 2 * len(self.values) + 8:
+            self.heap = [(value, version, child) for child, (value, version) in self.values.items()]
+            heapq.heapify(self.heap)
 
     def live_entries(self) -> list[tuple[Any, int, Any]]:
         """The heap entries that are current (for the integrity check)."""
@@ -148,7 +148,7 @@ def _recompute(node: Any) -> Any | None:
     """Recompute ``node``'s ``kvflow_min`` from its own minimum and children's structure; return
     its parent if that changed the parent's structure (the parent must be recomputed), else None."""
     children = node.kvflow_children
-    value = node.kvflow_own_min if children is None else _merge(node.kvflow_own_min, children.min())
+    value = _merge(node.kvflow_own_min, None if children is None else children.min())
     if value == node.kvflow_min:
         return None
     node.kvflow_min = value
@@ -184,8 +184,7 @@ def refresh_many(nodes: Iterable[Any]) -> None:
     for node in nodes:
         if node is None or node.parent is None:
             continue
-        owners = node.kvflow_owners
-        node.kvflow_own_min = owners[0].rank if len(owners) == 1 else owners_min(node)
+        node.kvflow_own_min = owners_min(node)
         parent = _recompute(node)
         if parent is not None:
             parents[parent] = None

@@ -109,5 +109,4 @@ class WorkflowPace:
         """When an agent ``steps`` hops away is expected to run (the steps themselves with ``hops``)."""
         if self.clock.mode == "hops":
             return steps
-        interval, stretch = self.interval, self.stretch
-        return self.last_step + steps * (interval if interval >= stretch else stretch)
+        return self.last_step + steps * max(self.interval, self.stretch)
