@@ -121,3 +121,20 @@ def test_the_review_queue_stays_proportional_to_the_tracked_workflows():
         assert len(table._reviews) <= 2 * len(table) + 64  # compacted as it grows
         table.expire()
     assert len(table) < 250  # the expired ones are gone, and so are their reviews at the next growth
+
+
+def test_a_hint_re_ranks_the_agents_it_names_and_leaves_the_others_where_they_were():
+    table = WorkflowTable(ttl=3600, max_workflows=8)
+    table.observe(WorkflowHint("w", "a", 4, {"b": 1, "c": 3}), [1, 2, 3, 4])
+    table.observe(WorkflowHint("other", "x", 4, {}), [5, 6, 7, 8])
+    workflow = table.get("w")
+    b, c = workflow.agents["b"], workflow.agents["c"]
+    c_before = c.rank
+    _, changed = table.observe(WorkflowHint("w", "b", 4, {"a": 2}), [1, 2, 3, 4])
+    # b (running) and a (restated) are re-ranked at the new step; c was not named: it stays
+    assert set(changed) == {b, workflow.agents["a"]}
+    assert c.rank == c_before == (0, 1 + 3 * 1.0)
+    assert b.rank == (0, workflow.pace.last_step) and workflow.pace.last_step == 3
+    _, changed = table.observe(WorkflowHint("w", "a", 4, {"c": 3}), [1, 2, 3, 4])
+    # restating the same steps re-ranks too: three hops are now counted from the latest step
+    assert c in changed and c.rank == (0, workflow.pace.expected_at(3)) and c.rank > c_before

@@ -4,7 +4,8 @@ Steps are hops, and hops of different workflows do not take the same time: one
 step away in a workflow whose agents write long outputs can come long after
 three steps away in a fast one. So each workflow keeps its *pace*: the
 smoothed time between two of its consecutive hinted requests. An agent
-``steps`` hops away is expected at ``last_step + steps * interval``, and
+``steps`` hops away is expected at ``last_step + steps * interval``, taken when
+its steps are set (a hint that does not name it leaves it there), and
 eviction ranks owned prompts by that expected time (latest first), so within
 one workflow the hint's order is kept and across workflows the one needed
 later goes first (Belady's rule on the estimate).
@@ -72,9 +73,9 @@ class LogicalClock:
 class WorkflowPace:
     """One workflow's pace on a :class:`LogicalClock`; shared by all of its agents.
 
-    Its expected times change only when it steps (then the cache re-ranks all of
-    its agents): a workflow not measured yet keeps the prior as it was at its
-    latest step, not the prior's later values.
+    An agent's expected time is read from it when the agent's steps are set or
+    its workflow is reviewed (``AgentState.anchor``): a workflow not measured yet
+    keeps the prior as it was at its latest step, not the prior's later values.
     """
 
     clock: LogicalClock

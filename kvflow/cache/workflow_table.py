@@ -10,8 +10,10 @@ the largest known value), as the agent that just finished is in a loop.
 A workflow not hinted for ``ttl`` seconds is forgotten (:meth:`expire`).
 
 Ranking: an agent's steps become the time it is expected at on the table's
-logical clock (:mod:`kvflow.cache.urgency`), so every hint of a workflow
-re-ranks all of its agents (its pace moved), not only those whose steps changed.
+logical clock (:mod:`kvflow.cache.urgency`), fixed when they are set: a hint
+re-ranks the agents it names (a restated value is measured again from the
+workflow's latest step) and leaves the others where their last hint put them,
+so its cost does not grow with the agents it does not name.
 
 Fixed-prompt boundary: ``fixed_prefix_len`` when the request gives it (the
 latest value wins). Otherwise it is inferred as the longest prefix the agent's
@@ -73,7 +75,8 @@ class AgentState:
     workflow_id: str
     agent_id: str
     pace: WorkflowPace  # its workflow's, shared by all of that workflow's agents
-    steps: int | None = None
+    _steps: int | None = field(default=None, repr=False)
+    expected_at: float | None = None  # the time its steps put it at, fixed when they are set
     fixed_prefix_len: int | None = None
     reference_prompt: array | None = None
     node: Any = None  # the radix-tree node where its fixed prompt ends, if resident
@@ -82,13 +85,27 @@ class AgentState:
     over_budget: bool = False  # past its workflow's share of the pool (see ``rank``)
 
     @property
+    def steps(self) -> int | None:
+        """Its steps-to-execution (None: unknown). Setting them fixes :attr:`expected_at`."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int | None) -> None:
+        self._steps = value
+        self.anchor()
+
+    def anchor(self) -> None:
+        """Fix when its steps put it from its workflow's pace now (``WorkflowPace.expected_at``)."""
+        self.expected_at = None if self._steps is None else self.pace.expected_at(self._steps)
+
+    @property
     def rank(self) -> tuple[int, float] | None:
         """What eviction ranks this agent's prompt by, smaller kept longer: ``(over_budget, the
         time its steps put it at)``, so an over-budget prompt ranks past every in-budget prompt of
         any workflow; None when its steps are unknown."""
-        if self.steps is None:
+        if self.expected_at is None:
             return None
-        return (int(self.over_budget), self.pace.expected_at(self.steps))
+        return (int(self.over_budget), self.expected_at)
 
 
 @dataclass(eq=False)
@@ -161,7 +178,7 @@ class WorkflowTable:
     def observe(
         self, hint: WorkflowHint, prompt: Sequence[int]
     ) -> tuple[AgentState | None, list[AgentState]]:
-        """Apply a request's hint; return its agent and the agents whose rank changed."""
+        """Apply a request's hint; return its agent and the agents whose steps or rank changed."""
         workflow = self._workflows.get(hint.workflow_id)
         if workflow is None:
             workflow = WorkflowState(hint.workflow_id, WorkflowPace(self.logical_clock))
@@ -176,9 +193,7 @@ class WorkflowTable:
         steps.setdefault(hint.agent_id, 0)
         changed = self._merge_steps(workflow, steps)
         if self.logical_clock.mode == "time":
-            # The pace moved: every agent's expected time did; and the clock reached other reviews.
-            changed = [a for a in workflow.agents.values() if a.steps is not None]
-            changed += self._review_stalled()
+            changed += self._review_stalled()  # the clock ticked: it may have reached other reviews
             self._schedule_review(workflow)
         return agent, changed
 
@@ -203,6 +218,8 @@ class WorkflowTable:
                 continue  # forgotten, or stepped (and rescheduled) since
             workflow = entry[2]
             workflow.pace.review()
+            for agent in workflow.agents.values():
+                agent.anchor()
             changed += [a for a in workflow.agents.values() if a.steps is not None]
             self._schedule_review(workflow)
         return changed
@@ -223,12 +240,16 @@ class WorkflowTable:
         return agent
 
     def _merge_steps(self, workflow: WorkflowState, steps: dict[str, int]) -> list[AgentState]:
+        """Set each named agent's steps (a restated value is anchored again, at the workflow's
+        latest step); return the agents whose steps or rank changed."""
         changed = []
         for agent_id, value in steps.items():
             agent = self._agent(workflow, agent_id)
-            if agent is not None and agent.steps != value:
+            if agent is not None:
+                before = agent.steps, agent.rank
                 agent.steps = value
-                changed.append(agent)
+                if (agent.steps, agent.rank) != before:
+                    changed.append(agent)
         return changed
 
     @staticmethod
