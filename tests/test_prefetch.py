@@ -154,11 +154,29 @@ def test_only_agents_due_next_are_looked_at_each_iteration():
     prefetcher = driver.cache.prefetcher = Prefetcher(driver.cache, steps_limit=1)
     assert set(prefetcher.due) == {id(agents["a"])}  # seeded from the hints seen before
     driver.cache.observe_hint(WorkflowHint("wf", "x", None, {"a": 3, "b": 1}), [])
-    prefetcher._candidates()
+    prefetcher._due_nearest_first()
     assert set(prefetcher.due) == {id(agents["b"])}
     driver.cache.end_workflow("wf")
-    prefetcher._candidates()
+    prefetcher._due_nearest_first()
     assert not prefetcher.due
+
+
+def test_a_prefetch_also_leaves_room_for_the_requests_of_the_agents_due_up_to_it():
+    driver = CacheDriver(size=100)
+    agents = fill(driver, {"near": 1, "far": 5})  # 40 tokens cached, 60 free
+    prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    prefetcher.reserved_tokens = 10
+    assert not prefetcher._make_room(20, rank=agents["near"].rank, ahead=51)  # 60 + 20 < 20 + 10 + 51
+    assert agents["far"].node is not None  # refused: nothing evicted
+    assert prefetcher._make_room(20, rank=agents["near"].rank, ahead=50)
+
+
+def test_an_agents_next_request_is_expected_to_take_what_its_finished_ones_took():
+    agent = fill(CacheDriver(size=100), {"a": 1})["a"]
+    assert agent.request_tokens is None
+    agent.request_finished(100)  # the first one is taken as it is
+    agent.request_finished(20)
+    assert agent.request_tokens == 60.0  # then smoothed like a workflow's pace
 
 
 def test_the_running_requests_growth_is_estimated_as_sglang_reserves_it():

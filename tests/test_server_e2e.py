@@ -66,6 +66,8 @@ def test_cyclic_workflow_kvflow_near_optimum_lru_near_zero_same_outputs(kvflow_s
 
     workflow = workflow_agents(kvflow_server, "cycle")
     assert sorted(workflow) == [f"agent{i}" for i in range(AGENTS)]
+    # What each request took beyond its fixed prompt: its dynamic suffix and its output.
+    assert all(agent["request_tokens"] == DYNAMIC + OUTPUT for agent in workflow.values())
     assert kvflow_stats["totals"]["fixed_hit_invocations"] == sum(r.fixed_hit for r in kvflow_runs)
     assert kvflow_stats["totals"]["invocations"] == len(kvflow_runs)
     evictions = kvflow_stats["evictions"]["device"]

@@ -10,8 +10,10 @@ survive until use: room comes only from nodes needed later than the prompt
 (un-owned nodes and owned nodes ranked strictly farther; eviction order takes
 those first, so evicting exactly the tokens they hold never reaches a nearer
 agent), and that room must also cover what the running requests may still
-decode and the waiting ones will prefill and decode (``reserved_tokens``);
-otherwise the prompt waits. Until a load is
+decode and the waiting ones will prefill and decode (``reserved_tokens``), and
+what the requests of the due agents up to this one will allocate when they come
+(each one's ``request_tokens``, plus the prompt of a nearer one not on the
+device: it will be loaded on demand first); otherwise the prompt waits. Until a load is
 acknowledged its nodes are *pending*: the scheduler holds back every waiting
 request whose prompt runs through them (``blocks``), so no batch reads KV
 before it landed and no second load is issued; once acknowledged the request
@@ -128,13 +130,15 @@ class Prefetcher:
                 self.counters.dropped_stale += 1
                 del self.records[key]
 
-    def _candidates(self) -> list[AgentState]:
+    def _due_nearest_first(self) -> list[AgentState]:
+        """The due agents, nearest first; none if no prompt of theirs could be loaded now."""
         for key, agent in list(self.due.items()):
             if not self._is_due(agent):  # moved on, or its workflow was forgotten (steps None)
                 del self.due[key]
                 self.waiting.discard(key)
-        agents = [agent for agent in self.due.values() if self._loadable(agent)]
-        return sorted(agents, key=lambda a: a.rank)
+        if not any(self._loadable(agent) for agent in self.due.values()):
+            return []
+        return sorted(self.due.values(), key=lambda a: a.rank)
 
     def _loadable(self, agent: AgentState) -> bool:
         """Due, its prompt on the host only, and no load of it issued yet."""
@@ -149,32 +153,42 @@ class Prefetcher:
 
     def _issue(self) -> None:
         cache = self.cache
-        # Candidates come nearest first, and a farther one may take room only from KV ranked
-        # farther still, so what did not fit for one does not fit for any later one this pass.
+        # Agents come nearest first, and a farther one may take room only from KV ranked farther
+        # still and after all the nearer ones need, so what did not fit for one does not fit for
+        # any later one this pass.
         too_big = math.inf
-        for agent in self._candidates():
+        ahead = 0.0  # what the requests of the due agents looked at so far will allocate
+        for agent in self._due_nearest_first():
+            growth = agent.request_tokens or 0.0
+            # Making room for an earlier agent evicts, and an eviction may expire workflows.
+            if not self._loadable(agent):
+                ahead += growth + (0 if id(agent) in self.records else _off_device_tokens(agent))
+                continue
             if not cache.has_free_load_back_slot():
                 return
-            # Making room for an earlier candidate evicts, and an eviction may expire workflows.
-            if not self._loadable(agent):
-                continue
             path = _evicted_path(agent.node)
             tokens = sum(len(node.key) for node in path)
+            ahead += growth
             if self._pending_tokens() + tokens > self.max_tokens:
+                ahead += tokens
                 continue
-            if tokens >= too_big or not self._make_room(tokens, agent.rank):
+            if tokens >= too_big or not self._make_room(tokens, agent.rank, ahead):
                 too_big = min(tokens, too_big)
+                ahead += tokens
                 if id(agent) not in self.waiting:
                     self.waiting.add(id(agent))
                     self.counters.skipped_no_room += 1
                 continue
             # The room made may have reached this agent's workflow (TTL expiry) or its path's ancestors.
             if not self._loadable(agent) or _evicted_path(agent.node) != path:
+                ahead += tokens
                 continue
             if self._load(agent):
                 self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
                 self.waiting.discard(id(agent))
                 self.counters.issued += 1
+            else:
+                ahead += tokens
 
     @rank_consensus(same_params=["agent.workflow_id", "agent.agent_id", "agent.node.id"], same_results=True)
     def _load(self, agent: AgentState) -> bool:
@@ -184,17 +198,18 @@ class Prefetcher:
         self.cache.ready_to_load_host_cache()
         return True
 
-    def _make_room(self, tokens: int, rank: Any) -> bool:
-        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the scheduled requests.
+    def _make_room(self, tokens: int, rank: Any, ahead: float = 0.0) -> bool:
+        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the requests due first.
 
         Room counts free slots and device KV ranked farther than ``rank`` (eviction takes that
         first), and must cover the prompt plus ``reserved_tokens`` (what the running and waiting
-        requests will still take): otherwise they would evict the loaded prompt again before its
-        request comes. Only the prompt's own shortfall is evicted now; they take theirs when due.
+        requests will still take) plus ``ahead`` (what the requests of the agents due up to this
+        one will allocate): otherwise they would evict the loaded prompt again before its request
+        comes. Only the prompt's own shortfall is evicted now; they take theirs when due.
         """
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
-        needed = tokens + self.reserved_tokens - available
+        needed = tokens + self.reserved_tokens + ahead - available
         if needed > 0 and _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
             return False
         if available < tokens:
@@ -244,6 +259,13 @@ def _evicted_path(node: Any) -> list[Any]:
         path.append(node)
         node = node.parent
     return path
+
+
+def _off_device_tokens(agent: AgentState) -> int:
+    """The tokens of the agent's fixed prompt that are not on the device (all of it if untracked)."""
+    if agent.node is None:
+        return agent.fixed_prefix_len or 0
+    return sum(len(node.key) for node in _evicted_path(agent.node))
 
 
 def _evictable_farther_than(root: Any, rank: Any, needed: float = math.inf) -> int:

@@ -134,6 +134,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             counters.record(
                 state.fixed_len, req.cached_tokens, req.cached_tokens_device, req.cached_tokens_host
             )
+        agent.request_finished(len(req.origin_input_ids) - state.fixed_len + len(req.output_ids))
         self.agent_finished(agent)
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -376,6 +377,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
                     "rank": agent.rank,
                     "fixed_prefix_len": agent.fixed_prefix_len,
                     "over_budget": agent.over_budget,
+                    "request_tokens": agent.request_tokens,
                     "owned_tokens_resident": self._resident_tokens(agent.node),
                     **asdict(agent.counters),
                 }

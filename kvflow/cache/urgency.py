@@ -41,7 +41,7 @@ SMOOTHING = 0.5
 REVIEW_FACTOR = 2
 
 
-def _smoothed(estimate: float, sample: float, measured: bool) -> float:
+def smoothed(estimate: float, sample: float, measured: bool) -> float:
     """``estimate`` moved toward ``sample``; the first sample (``measured`` False) replaces it."""
     return estimate + SMOOTHING * (sample - estimate) if measured else float(sample)
 
@@ -65,7 +65,7 @@ class LogicalClock:
 
     def measured(self, interval: int) -> None:
         """One workflow's interval was measured: fold it into the prior."""
-        self.prior_interval = _smoothed(self.prior_interval, interval, self._measured)
+        self.prior_interval = smoothed(self.prior_interval, interval, self._measured)
         self._measured = True
 
 
@@ -90,7 +90,7 @@ class WorkflowPace:
         now = self.clock.tick()
         if seen_before:
             gap = now - self.last_step
-            self.interval = _smoothed(self.interval, gap, self.measured)
+            self.interval = smoothed(self.interval, gap, self.measured)
             self.measured = True
             self.clock.measured(gap)
         else:

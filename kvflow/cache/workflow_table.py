@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvflow.cache.urgency import LogicalClock, WorkflowPace
+from kvflow.cache.urgency import LogicalClock, WorkflowPace, smoothed
 from kvflow.config import KVFlowConfig
 from kvflow.expiring_table import ExpiringTable, WhenFull
 from kvflow.hints import MAX_STEPS_ENTRIES, WorkflowHint, common_prefix_len
@@ -83,6 +83,9 @@ class AgentState:
     node_tokens: int = 0  # the tokens from the root to ``node`` (set with it; a split keeps them)
     counters: InvocationCounters = field(default_factory=InvocationCounters)
     over_budget: bool = False  # past its workflow's share of the pool (see ``rank``)
+    # Tokens its requests took beyond the fixed prompt (the rest of the prompt and the output),
+    # smoothed over its finished ones: what its next request is expected to allocate.
+    request_tokens: float | None = None
 
     @property
     def steps(self) -> int | None:
@@ -93,6 +96,10 @@ class AgentState:
     def steps(self, value: int | None) -> None:
         self._steps = value
         self.anchor()
+
+    def request_finished(self, tokens: int) -> None:
+        """One of its requests finished, having taken ``tokens`` beyond its fixed prompt."""
+        self.request_tokens = smoothed(self.request_tokens or 0.0, tokens, self.request_tokens is not None)
 
     def anchor(self) -> None:
         """Fix when its steps put it from its workflow's pace now (``WorkflowPace.expected_at``)."""
