@@ -117,12 +117,11 @@ def _priorities_per_eviction(leaves: int, evictions: int = 50) -> tuple[float, f
 
 def test_an_eviction_computes_priorities_for_its_victims_not_for_every_leaf():
     (_, small), (first, large) = _priorities_per_eviction(10, evictions=5), _priorities_per_eviction(2_000)
-    # SGLang's heap computes one priority per leaf per eviction: 2000 here. A leaf whose priority
-    # rose keeps its older, lower key until it reaches the top: the first batch after the build
-    # re-keys each leaf at most once, and after that an eviction computes only its victims'.
-    assert first <= 2_000 / 50 + 4
-    assert large <= 4
-    assert large <= 2 * small + 1
+    # SGLang's heap computes one priority per leaf per eviction: 2000 here. Each leaf was re-keyed
+    # when it was claimed (it left the un-owned class then), so even the first batch after the
+    # build computes only its victims' (41 per eviction there when claims deferred the re-key).
+    assert first <= 4 and large <= 4
+    assert max(first, large) <= 2 * small + 1
 
 
 @pytest.mark.parametrize(

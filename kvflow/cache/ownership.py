@@ -200,6 +200,8 @@ def assign(agent: AgentState, node: Any) -> None:
     node.kvflow_owners.append(agent)
     agent.node = node
     refresh_upward(node)
+    if node.kvflow_victims is not None:
+        node.kvflow_victims.owner_assigned(node)
 
 
 def release(agent: AgentState) -> None:

@@ -12,7 +12,9 @@ at most the node's current priority. It holds because
   core's leaf set, sees every node SGLang adds);
 - a node whose cached subtree minimum (``kvflow_min``) changes is pushed again if that
   dropped its priority below its entry's key (:func:`kvflow.cache.ownership` calls
-  :meth:`VictimHeap.rank_changed`);
+  :meth:`VictimHeap.rank_changed`), and a leaf that gains an owner is pushed again at once
+  (:meth:`VictimHeap.owner_assigned`: a rise the invariant allows to defer, but not for every
+  leaf of a large tree at once);
 - the rest of the priority, ``last_access_time``, only grows (SGLang's global counter), and the
   strategy declares (``incremental``) that a priority then only grows too (LRU ties), so a
   touched leaf's latest entry stays at or below its new priority.
@@ -83,6 +85,16 @@ class VictimHeap:
         """``node``'s ``kvflow_min`` changed: re-enter it if a leaf whose priority dropped below its
         entry's key (one that rose keeps its entry, moved down when it reaches the top)."""
         if node in self.leaves and self.priority(node) < node.kvflow_victim_key:
+            self.push(node)
+
+    def owner_assigned(self, node: Any) -> None:
+        """``node`` just gained an owner: re-enter it at its priority now if it is a leaf.
+
+        A claim lifts a leaf out of the un-owned class. Left to the lazy rule, every leaf of a
+        tree built without evictions would keep its un-owned key, and the first eviction would
+        move all of them down (about 0.4 s at 10^5 leaves); one push per claim spreads that out.
+        """
+        if node in self.leaves and self.priority(node) != node.kvflow_victim_key:
             self.push(node)
 
     def take(self) -> Any | None:
