@@ -161,7 +161,7 @@ def test_only_agents_due_next_are_looked_at_each_iteration():
     assert not prefetcher.due
 
 
-def test_a_prefetch_also_leaves_room_for_the_requests_of_the_agents_due_up_to_it():
+def test_a_prefetch_also_leaves_room_for_the_requests_of_the_due_agents():
     driver = CacheDriver(size=100)
     agents = fill(driver, {"near": 1, "far": 5})  # 40 tokens cached, 60 free
     prefetcher = Prefetcher(driver.cache, steps_limit=1)

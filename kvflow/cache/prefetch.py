@@ -11,9 +11,11 @@ survive until use: room comes only from nodes needed later than the prompt
 those first, so evicting exactly the tokens they hold never reaches a nearer
 agent), and that room must also cover what the running requests may still
 decode and the waiting ones will prefill and decode (``reserved_tokens``), and
-what the requests of the due agents up to this one will allocate when they come
-(each one's ``request_tokens``, plus the prompt of a nearer one not on the
-device: it will be loaded on demand first); otherwise the prompt waits. Until a load is
+what the requests of the due agents will allocate when they come (each one's
+``request_tokens``, whatever its rank: expected times of workflows that advance
+alike nearly tie, so any of them may come first), plus the prompt of a nearer
+one not on the device (it will be loaded on demand first); otherwise the prompt
+waits. Until a load is
 acknowledged its nodes are *pending*: the scheduler holds back every waiting
 request whose prompt runs through them (``blocks``), so no batch reads KV
 before it landed and no second load is issued; once acknowledged the request
@@ -157,18 +159,17 @@ class Prefetcher:
         # still and after all the nearer ones need, so what did not fit for one does not fit for
         # any later one this pass.
         too_big = math.inf
-        ahead = 0.0  # what the requests of the due agents looked at so far will allocate
-        for agent in self._due_nearest_first():
-            growth = agent.request_tokens or 0.0
+        due = self._due_nearest_first()
+        ahead = sum(agent.request_tokens or 0.0 for agent in due)  # what their requests will allocate
+        for agent in due:
             # Making room for an earlier agent evicts, and an eviction may expire workflows.
             if not self._loadable(agent):
-                ahead += growth + (0 if id(agent) in self.records else _off_device_tokens(agent))
+                ahead += 0 if id(agent) in self.records else _off_device_tokens(agent)
                 continue
             if not cache.has_free_load_back_slot():
                 return
             path = _evicted_path(agent.node)
             tokens = sum(len(node.key) for node in path)
-            ahead += growth
             if self._pending_tokens() + tokens > self.max_tokens:
                 ahead += tokens
                 continue
@@ -199,13 +200,13 @@ class Prefetcher:
         return True
 
     def _make_room(self, tokens: int, rank: Any, ahead: float = 0.0) -> bool:
-        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the requests due first.
+        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the requests due.
 
         Room counts free slots and device KV ranked farther than ``rank`` (eviction takes that
         first), and must cover the prompt plus ``reserved_tokens`` (what the running and waiting
-        requests will still take) plus ``ahead`` (what the requests of the agents due up to this
-        one will allocate): otherwise they would evict the loaded prompt again before its request
-        comes. Only the prompt's own shortfall is evicted now; they take theirs when due.
+        requests will still take) plus ``ahead`` (what the requests of the due agents will
+        allocate): otherwise they would evict the loaded prompt again before its request comes.
+        Only the prompt's own shortfall is evicted now; they take theirs when due.
         """
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
