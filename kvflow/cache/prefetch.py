@@ -154,7 +154,6 @@ class Prefetcher:
         )
 
     def _issue(self) -> None:
-        cache = self.cache
         # Agents come nearest first, and a farther one may take room only from KV ranked farther
         # still and after all the nearer ones need, so what did not fit for one does not fit for
         # any later one this pass.
@@ -162,34 +161,37 @@ class Prefetcher:
         due = self._due_nearest_first()
         ahead = sum(agent.request_tokens or 0.0 for agent in due)  # what their requests will allocate
         for agent in due:
+            if id(agent) in self.records:
+                continue  # loading or loaded: its request will find the prompt on the device
+            tokens = _off_device_tokens(agent)
             # Making room for an earlier agent evicts, and an eviction may expire workflows.
-            if not self._loadable(agent):
-                ahead += 0 if id(agent) in self.records else _off_device_tokens(agent)
-                continue
-            if not cache.has_free_load_back_slot():
-                return
-            path = _evicted_path(agent.node)
-            tokens = sum(len(node.key) for node in path)
-            if self._pending_tokens() + tokens > self.max_tokens:
-                ahead += tokens
-                continue
-            if tokens >= too_big or not self._make_room(tokens, agent.rank, ahead):
-                too_big = min(tokens, too_big)
-                ahead += tokens
-                if id(agent) not in self.waiting:
-                    self.waiting.add(id(agent))
-                    self.counters.skipped_no_room += 1
-                continue
-            # The room made may have reached this agent's workflow (TTL expiry) or its path's ancestors.
-            if not self._loadable(agent) or _evicted_path(agent.node) != path:
-                ahead += tokens
-                continue
-            if self._load(agent):
-                self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
-                self.waiting.discard(id(agent))
-                self.counters.issued += 1
-            else:
-                ahead += tokens
+            if self._loadable(agent):
+                if not self.cache.has_free_load_back_slot():
+                    return
+                path = _evicted_path(agent.node)  # before making room, which may reach it
+                if self._pending_tokens() + tokens > self.max_tokens:
+                    pass  # over the in-flight bound: it waits, not counted as lacking room
+                elif tokens >= too_big or not self._make_room(tokens, agent.rank, ahead):
+                    too_big = min(tokens, too_big)
+                    self._note_waiting(agent)
+                elif self._issue_load(agent, path):
+                    continue
+            ahead += tokens  # not issued: its request loads the prompt on demand before farther ones
+
+    def _note_waiting(self, agent: AgentState) -> None:
+        """The agent's prompt found no room: counted once while it stays due."""
+        if id(agent) not in self.waiting:
+            self.waiting.add(id(agent))
+            self.counters.skipped_no_room += 1
+
+    def _issue_load(self, agent: AgentState, path: list[Any]) -> bool:
+        """Load ``path`` for the agent, unless the room just made reached it (TTL expiry, ancestors)."""
+        if not self._loadable(agent) or _evicted_path(agent.node) != path or not self._load(agent):
+            return False
+        self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, sum(len(n.key) for n in path))
+        self.waiting.discard(id(agent))
+        self.counters.issued += 1
+        return True
 
     @rank_consensus(same_params=["agent.workflow_id", "agent.agent_id", "agent.node.id"], same_results=True)
     def _load(self, agent: AgentState) -> bool:
