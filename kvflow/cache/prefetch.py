@@ -174,7 +174,7 @@ class Prefetcher:
                 elif tokens >= too_big or not self._make_room(tokens, agent.rank, ahead):
                     too_big = min(tokens, too_big)
                     self._note_waiting(agent)
-                elif self._issue_load(agent, path):
+                elif self._issue_load(agent, path, tokens):
                     continue
             ahead += tokens  # not issued: its request loads the prompt on demand before farther ones
 
@@ -184,11 +184,11 @@ class Prefetcher:
             self.waiting.add(id(agent))
             self.counters.skipped_no_room += 1
 
-    def _issue_load(self, agent: AgentState, path: list[Any]) -> bool:
+    def _issue_load(self, agent: AgentState, path: list[Any], tokens: int) -> bool:
         """Load ``path`` for the agent, unless the room just made reached it (TTL expiry, ancestors)."""
         if not self._loadable(agent) or _evicted_path(agent.node) != path or not self._load(agent):
             return False
-        self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, sum(len(n.key) for n in path))
+        self.records[id(agent)] = PrefetchRecord(agent, agent.node, path, tokens)
         self.waiting.discard(id(agent))
         self.counters.issued += 1
         return True
