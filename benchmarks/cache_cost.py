@@ -65,6 +65,7 @@ from kvflow.cache.eviction import POLICY_NAME, register_eviction_policy
 from kvflow.cache.radix_cache import WorkflowRadixCache
 from kvflow.cache.tree_core import register_tree_core
 from kvflow.config import CONFIG_ENV, KVFlowConfig
+from kvflow.harness.provenance import provenance, write_result
 from kvflow.hints import WorkflowHint
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,7 +73,6 @@ SYSTEM_LEN, GROUP_LEN, AGENT_LEN, TAIL_LEN, PROBE_LEN = 32, 16, 16, 16, 8
 GROUP_SIZE = 100
 AGENTS_PER_WORKFLOW = 64
 OPS = ("match", "evict", "insert", "mixed")
-MACHINE = "2-core x86_64 VM, Python 3.11, SGLang 0.5.23"
 
 
 class Shape:
@@ -300,7 +300,7 @@ def run_case(shape_name: str, agents: int, ops: int, with_rust: bool) -> dict[st
 def _markdown(report: dict[str, Any]) -> str:
     bases = ["python"] + (["rust"] if report["rust"]["available"] else [])
     lines = [
-        f"# Cache cost per operation ({report['machine']})",
+        f"# Cache cost per operation ({report['machine']}, commit {report['commit']})",
         "",
         "`python -m benchmarks.cache_cost` — kvflow (`WorkflowRadixCache`, every agent hinted) beside stock "
         "`UnifiedRadixCache` on SGLang's Python and Rust tree cores, operations interleaved. "
@@ -314,7 +314,7 @@ def _markdown(report: dict[str, Any]) -> str:
     before = report.get("before")
     if before is not None:
         header += " " + " | ".join(f"before: ratio to {b}" for b in bases) + " |"
-        lines += [f"Before: `{before['source']}` ({before['machine']}).", ""]
+        lines += [f"Before: `{before['source']}` (commit {before['commit']}, {before['machine']}).", ""]
     lines += [header, "|" + "---|" * (4 + (3 if before is not None else 2) * len(bases))]
     for case in report["results"]:
         for op, per in case["ops"].items():
@@ -355,6 +355,7 @@ def _before(path: Path) -> dict[str, Any]:
     return {
         "source": path.name,
         "machine": earlier["machine"],
+        "commit": earlier.get("commit", "unknown"),
         "cases": {
             _case_key(case): {
                 "ops": {
@@ -380,12 +381,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--note", default="", help="a line on how the run was made (e.g. a shared machine)")
     args = parser.parse_args(argv)
 
+    provenance()  # the checkout as the run starts
     register_eviction_policy()
     register_tree_core()
     reason = None if not args.no_rust else "left out (--no-rust)"
     reason = reason or rust_unavailable()
     report: dict[str, Any] = {
-        "machine": MACHINE,
         "python": platform.python_version(),
         "rust": {"available": reason is None, "reason": reason},
         "results": [],
@@ -405,8 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["target_met"] = all(
         case["ops"][op]["kvflow_over_python"] <= 1.2 for case in report["results"] for op in OPS
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_result(args.out, report)
     args.out.with_suffix(".md").write_text(_markdown(report))
     return report
 

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -40,6 +37,7 @@ import requests
 
 from benchmarks.run import run_workload
 from benchmarks.workloads import WORKLOADS, Workload
+from kvflow.harness.provenance import provenance, write_result
 from kvflow.harness.server_process import ServerProcess
 
 HICACHE_FLAG = "--enable-hierarchical-cache"
@@ -182,19 +180,6 @@ def plot(medians: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def machine() -> str:
-    try:
-        gpu = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        gpu = ""
-    return f"{platform.node()}: {os.cpu_count()} CPUs, {gpu or 'no GPU'}, Python {platform.python_version()}"
-
-
 def device_pool_tokens(url: str) -> int | None:
     """The server's device KV pool size as SGLang sized it (it may be below ``--max-total-tokens``)."""
     try:
@@ -326,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("server_flags", nargs="*", help="after --: flags for every server (model, backends)")
     args = parser.parse_args(argv)
 
+    provenance()  # the checkout as the run starts
     workload = WORKLOADS[args.workload](**args.params)
     concurrency = len(workload.workflows)
     pool = int(workload.fixed_tokens() * args.pool_fraction) + concurrency * workload.largest_varying()
@@ -351,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
         link_gbps=args.emulate_link_gbps,
     )
     result.update(
-        machine=machine(),
         date=datetime.now(UTC).isoformat(timespec="seconds"),
         command="python -m benchmarks.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
         duration_s=time.time() - started,
@@ -360,10 +345,11 @@ def main(argv: list[str] | None = None) -> None:
     counters = counters_table(result["runs"])
     if counters:
         table += "\n\n" + counters
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    result = write_result(args.out_dir / f"{stem}.json", result)
     pools = ", ".join(f"{k} {v}" for k, v in result["pool_tokens_actual"].items())
     header = (
-        f"## {stem}\n\n{result['machine']}, {result['date']}\n\n`{result['command']}`\n\n"
+        f"## {stem}\n\n{result['machine']}, {result['date']}, commit {result['commit']}"
+        f"{' (uncommitted changes)' if result['dirty'] else ''}\n\n`{result['command']}`\n\n"
         f"Device KV pool (tokens, as sized by each server): {pools}\n\n"
     )
     (args.out_dir / f"{stem}.md").write_text(header + table + "\n")

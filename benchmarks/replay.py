@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import random
 import sys
 from collections import Counter
@@ -35,6 +34,7 @@ from benchmarks.workloads import (
     timed,
 )
 from kvflow.harness.offline import CacheDriver
+from kvflow.harness.provenance import provenance, write_result
 from kvflow.hints import WorkflowHint, common_prefix_len
 
 
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="write JSON results here")
     args = parser.parse_args(argv)
+    provenance()  # the checkout as the run starts
     cost = CostModel(args.recompute_tokens_per_s, args.link_gb_per_s, args.kv_bytes_per_token)
 
     counts = [int(c) for c in args.timed.split(",") if c.strip()]
@@ -294,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"cost_model": asdict(cost), "scale": args.scale, "results": results}
-        args.out.write_text(json.dumps(payload, indent=2))
+        write_result(args.out, {"cost_model": asdict(cost), "scale": args.scale, "results": results})
     return 1 if failed else 0
 
 

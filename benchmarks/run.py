@@ -21,6 +21,7 @@ from pathlib import Path
 import requests
 
 from benchmarks.workloads import WORKLOADS, Call, Workload
+from kvflow.harness.provenance import provenance, write_result
 
 try:
     from tqdm import tqdm
@@ -186,12 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    provenance()  # the checkout as the run starts
     workload = WORKLOADS[args.workload](**args.params)
     result = run_workload(args.url, workload, hints=not args.no_hints, priorities=args.priorities)
     print(json.dumps(result["summary"], indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

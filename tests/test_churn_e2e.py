@@ -1,6 +1,6 @@
 """Churn equivalence on real CPU servers: one seeded random stream to kvflow and to stock SGLang.
 
-See ``benchmarks/churn.py`` for the stream. ``KVFLOW_CHURN_REQUESTS`` sets its
+See ``kvflow/harness/churn.py`` for the stream. ``KVFLOW_CHURN_REQUESTS`` sets its
 size (generation requests per server; the default fits CI, about three minutes
 with both servers' start-up) and ``KVFLOW_CHURN_SEED`` its seed.
 """
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from benchmarks.churn import MAX_DETAILS, ChurnConfig, run_churn
+from kvflow.harness.churn import MAX_DETAILS, ChurnConfig, run_churn
 
 pytestmark = pytest.mark.e2e
 

@@ -212,7 +212,7 @@ def test_stats_stay_small_under_a_hint_flood_and_detail_comes_in_pages(server):
             "steps_to_execution": steps,
         }
         assert generate(server, [100 + i] * 8 + [1, 2, 3, 4], hint, tokens=1).status_code == 200
-    # Bounded by construction (latency under a flood: benchmarks/abuse.py, not a timed test).
+    # Bounded by construction (latency under a flood: kvflow/harness/abuse.py, not a timed test).
     response = requests.get(f"{server.url}/kvflow/stats", timeout=60)
     assert response.status_code == 200 and len(response.content) < 16_384
     tracked = response.json()["tracked"]

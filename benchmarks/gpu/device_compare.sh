@@ -5,6 +5,8 @@
 # Run there (repo root, carry [".gpukit"]):
 #   bash benchmarks/gpu/device_compare.sh 2>&1 | tee "$OUT/device.log"
 # Results (JSON, markdown, PNG, partial results and server log tails) land in $OUT/results.
+# The device copy has no .git: prefix KVFLOW_COMMIT=<git rev-parse HEAD here> so each result
+# JSON records the commit it measured (kvflow/harness/provenance.py).
 # Check first, anywhere (touches nothing: no nvidia-smi, pip, symlink, metadata or servers):
 #   DRY_RUN=1 SETTINGS=abc bash benchmarks/gpu/device_compare.sh
 # prints the plan and, per setting, one line `DRY_RUN compare: python3 -m benchmarks.compare ...`

@@ -1,6 +1,6 @@
 """Does a hint flood or a stats poller delay a normal request? kvflow and stock SGLang side by side.
 
-``python -m benchmarks.abuse --probes 40`` starts a kvflow server and a stock one
+``python -m kvflow.harness.abuse --probes 40`` starts a kvflow server and a stock one
 (``--radix-cache-backend stock``) with the same model and pool, then times a plain
 un-hinted ``/generate`` (the probe) on each, interleaved, in three phases: quiet; while
 another client floods the server with hinted requests carrying the largest hints the limits
@@ -14,8 +14,6 @@ latencies include the abuser's CPU share on both servers alike; the ratio is the
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import threading
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import requests
 
+from kvflow.harness.provenance import provenance, write_result
 from kvflow.harness.server_process import ServerProcess
 
 PROBE = {"input_ids": list(range(10, 42)), "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
@@ -85,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--probes", type=int, default=40, help="probes per server and phase")
     parser.add_argument("--max-total-tokens", type=int, default=8192)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-abuse.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/robustness/cpu-abuse.json"))
     args = parser.parse_args(argv)
+    provenance()  # the checkout as the run starts
     common = ["--max-total-tokens", str(args.max_total_tokens), "--random-seed", "0"]
     with (
         ServerProcess(common) as kvflow_server,
@@ -102,12 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         summary = {key: stats.json()[key] for key in ("tracked", "limits")}
         summary["stats_bytes"] = len(stats.content)
     result = {
-        "machine": platform.platform(),
         "probes": args.probes,
         "phases": phases,
         "kvflow_state": summary,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"{'phase':<12} {'kvflow median/p90 ms':>22} {'stock median/p90 ms':>22} {'ratio':>6}")
     for phase, servers in phases.items():
         k, s = servers["kvflow"], servers["stock"]

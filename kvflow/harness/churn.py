@@ -9,7 +9,7 @@ of every request that completed on both servers must be identical, no answer may
 be a 5xx, both servers must stay alive without a ``Traceback`` in their logs.
 Short pauses leave the schedulers idle, where SGLang runs its strict memory check.
 
-``python -m benchmarks.churn --requests 800`` runs it at a larger size than the
+``python -m kvflow.harness.churn --requests 800`` runs it at a larger size than the
 CI test (``tests/test_churn_e2e.py``) and prints the one-line summary; flags after
 ``--`` go to the kvflow server (e.g. ``-- --no-kvflow-prefetch``).
 """
