@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from kvflow.frontend.graph_learning import FAR
 from kvflow.graph import AgentStepGraph
+from kvflow.model import BYTE_TOKENS
 
-DEFAULT_VOCAB = 256  # the embedded model's byte tokens; use the model's vocab on GPU
+DEFAULT_VOCAB = BYTE_TOKENS  # the embedded model's byte tokens; use the model's vocab on GPU
 
 
 @dataclass(frozen=True)

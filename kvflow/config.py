@@ -3,6 +3,11 @@
 The launcher parses them and hands them to every SGLang process through one
 environment variable, because SGLang starts its scheduler with ``spawn`` and
 only the environment (not our argument parser) reaches it.
+
+- Each option is one field of :class:`KVFlowConfig`: its flag is ``--kvflow-`` plus the field's
+  name with dashes, its type and default the field's, its help text the field's metadata.
+- A boolean that defaults to off is a switch; one that defaults to on also has ``--no-`` form.
+- The README's flag table lists exactly these flags and defaults (tests/test_launcher.py).
 """
 
 from __future__ import annotations
@@ -10,26 +15,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any
 
 CONFIG_ENV = "KVFLOW_CONFIG"
+FLAG_PREFIX = "--kvflow-"
+
+
+def _option(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A config field with its ``--kvflow-*`` flag's help text (and metavar)."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+def flag_name(option: Field) -> str:
+    """The command-line flag of a :class:`KVFlowConfig` field."""
+    return FLAG_PREFIX + option.name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class KVFlowConfig:
     """Options of the workflow-aware cache."""
 
-    hint_ttl: float = 300.0
-    max_workflows: int = 4096
-    max_agents: int = 64
-    max_tracked_agents: int = 32768
-    max_protected_fraction: float = 0.5
-    learn_graph: bool = False
-    learn_min_observations: int = 2
-    prefetch: bool = True
-    prefetch_steps: int = 1
-    max_prefetch_tokens: int = 65536
-    emulate_link_gbps: float = 0.0
+    hint_ttl: float = _option(
+        300.0, "Seconds without a hint after which a workflow reverts to plain LRU and its state is freed."
+    )
+    max_workflows: int = _option(
+        4096,
+        "Workflows tracked at once; past it the least recently hinted workflow is dropped "
+        "(and registering another workflow is refused with HTTP 429).",
+    )
+    max_agents: int = _option(
+        64, "Agents per registered or learned workflow (at most 1024); larger graphs are refused."
+    )
+    max_tracked_agents: int = _option(
+        32768,
+        "Agents the cache tracks over all workflows; past it the least recently hinted "
+        "workflows are forgotten first (each agent keeps at most 16384 prompt tokens, 8 bytes each).",
+    )
+    max_protected_fraction: float = _option(
+        0.5,
+        "Share of the device pool (0 to 1] one workflow's prompts are protected in: past it, its "
+        "farthest prompts are evicted before any workflow's prompts within their share (un-owned KV "
+        "still goes first).",
+        metavar="FRACTION",
+    )
+    learn_graph: bool = _option(
+        False, "Learn the step structure of unregistered workflows from the order their agents run in."
+    )
+    learn_min_observations: int = _option(
+        2, "Transitions out of an agent needed before the learned graph trusts its likely successor."
+    )
+    prefetch: bool = _option(
+        True,
+        "With --enable-hierarchical-cache, load the fixed prompts of the agents due next "
+        "from host to device in the background.",
+    )
+    prefetch_steps: int = _option(
+        1, "Prefetch agents whose steps-to-execution is at most this (and at least 1)."
+    )
+    max_prefetch_tokens: int = _option(65536, "Prefetched tokens in flight at once.")
+    emulate_link_gbps: float = _option(
+        0.0,
+        "CPU host tier only (no CUDA): emulate a host<->device link of this many gigabytes per "
+        "second (GB/s, 1e9 bytes/s, not Gbit/s), one link per direction. Each HiCache transfer "
+        "still copies at once, but completes (is acknowledged, and unblocks the forward pass that "
+        "reads it) only after its bytes crossed the emulated link, queued behind earlier transfers. "
+        "0 (default) = off; anything measured with it on is emulation.",
+        metavar="GB_PER_S",
+    )
 
     def to_env(self) -> None:
         """Publish this config to child processes."""
@@ -43,87 +96,29 @@ class KVFlowConfig:
             return None
         return cls(**json.loads(raw))
 
-    @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    @classmethod
+    def cli_arguments(cls) -> list[tuple[str, dict[str, Any]]]:
+        """Each field's flag and ``add_argument`` keywords (see the module docstring)."""
+        arguments = []
+        for option in fields(cls):
+            kwargs: dict[str, Any] = {"default": option.default, "help": option.metadata["help"]}
+            if option.default is False:
+                kwargs["action"] = "store_true"
+            elif option.default is True:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = type(option.default)
+            if option.metadata["metavar"] is not None:
+                kwargs["metavar"] = option.metadata["metavar"]
+            arguments.append((flag_name(option), kwargs))
+        return arguments
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         """Register the ``--kvflow-*`` flags."""
         group = parser.add_argument_group("kvflow")
-        group.add_argument(
-            "--kvflow-hint-ttl",
-            type=float,
-            default=KVFlowConfig.hint_ttl,
-            help="Seconds without a hint after which a workflow reverts to plain LRU and its state is freed.",
-        )
-        group.add_argument(
-            "--kvflow-max-workflows",
-            type=int,
-            default=KVFlowConfig.max_workflows,
-            help="Workflows tracked at once; past it the least recently hinted workflow is dropped "
-            "(and registering another workflow is refused with HTTP 429).",
-        )
-        group.add_argument(
-            "--kvflow-max-agents",
-            type=int,
-            default=KVFlowConfig.max_agents,
-            help="Agents per registered or learned workflow (at most 1024); larger graphs are refused.",
-        )
-        group.add_argument(
-            "--kvflow-max-tracked-agents",
-            type=int,
-            default=KVFlowConfig.max_tracked_agents,
-            help="Agents the cache tracks over all workflows; past it the least recently hinted "
-            "workflows are forgotten first (each agent keeps at most 16384 prompt tokens, 8 bytes each).",
-        )
-        group.add_argument(
-            "--kvflow-max-protected-fraction",
-            type=float,
-            default=KVFlowConfig.max_protected_fraction,
-            metavar="FRACTION",
-            help="Share of the device pool (0 to 1] one workflow's prompts are protected in: past it, its "
-            "farthest prompts are evicted before any workflow's prompts within their share (un-owned KV "
-            "still goes first).",
-        )
-        group.add_argument(
-            "--kvflow-learn-graph",
-            action="store_true",
-            help="Learn the step structure of unregistered workflows from the order their agents run in.",
-        )
-        group.add_argument(
-            "--kvflow-learn-min-observations",
-            type=int,
-            default=KVFlowConfig.learn_min_observations,
-            help="Transitions out of an agent needed before the learned graph trusts its likely successor.",
-        )
-
-        group.add_argument(
-            "--kvflow-prefetch",
-            action=argparse.BooleanOptionalAction,
-            default=KVFlowConfig.prefetch,
-            help="With --enable-hierarchical-cache, load the fixed prompts of the agents due next "
-            "from host to device in the background.",
-        )
-        group.add_argument(
-            "--kvflow-prefetch-steps",
-            type=int,
-            default=KVFlowConfig.prefetch_steps,
-            help="Prefetch agents whose steps-to-execution is at most this (and at least 1).",
-        )
-        group.add_argument(
-            "--kvflow-max-prefetch-tokens",
-            type=int,
-            default=KVFlowConfig.max_prefetch_tokens,
-            help="Prefetched tokens in flight at once.",
-        )
-        group.add_argument(
-            "--kvflow-emulate-link-gbps",
-            type=float,
-            default=KVFlowConfig.emulate_link_gbps,
-            metavar="GB_PER_S",
-            help="CPU host tier only (no CUDA): emulate a host<->device link of this many gigabytes per "
-            "second (GB/s, 1e9 bytes/s, not Gbit/s), one link per direction. Each HiCache transfer "
-            "still copies at once, but completes (is acknowledged, and unblocks the forward pass that "
-            "reads it) only after its bytes crossed the emulated link, queued behind earlier transfers. "
-            "0 (default) = off; anything measured with it on is emulation.",
-        )
+        for flag, kwargs in cls.cli_arguments():
+            group.add_argument(flag, **kwargs)
 
     def error(self) -> str | None:
         """Why these options cannot be served, or None."""

@@ -20,12 +20,11 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
-from pathlib import Path
 
 from kvflow import NAME
 from kvflow.config import KVFlowConfig
+from kvflow.model import EMBEDDED_MODEL_PATH
 
-EMBEDDED_MODEL_PATH = str(Path(__file__).resolve().parent / "model")
 # SGLang's CPU engine binds each rank's OpenMP threads to the "|"-separated core group at its
 # index (sglang.srt.utils.numa_utils.init_threads_binding); unset, it asks for one NUMA node per rank.
 CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"

@@ -15,10 +15,10 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from kvflow.harness.demo import VOCAB
 from kvflow.harness.server_process import ServerProcess
 from kvflow.hints import common_prefix_len
-from kvflow.launch_server import CPU_THREADS_BIND_ENV, EMBEDDED_MODEL_PATH
+from kvflow.launch_server import CPU_THREADS_BIND_ENV
+from kvflow.model import BYTE_TOKENS, EMBEDDED_MODEL_PATH
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ def holders(server: ServerProcess, workflow_id: str) -> dict[int, dict]:
 
 def token_prompt(seed: int) -> list[int]:
     rng = random.Random(seed)
-    return [rng.randrange(VOCAB) for _ in range(FIXED)]
+    return [rng.randrange(BYTE_TOKENS) for _ in range(FIXED)]
 
 
 class Agent:

@@ -12,11 +12,11 @@ import pytest
 import requests
 
 from kvflow.harness.server_process import ServerProcess
+from kvflow.model import VOCAB_SIZE
 
 pytestmark = pytest.mark.e2e
 
 POOL = 2048
-VOCAB = 262  # the embedded model's
 GRAPH = {
     "agents": [{"id": "planner"}, {"id": "coder"}],
     "edges": [["planner", "coder"], ["coder", "planner"]],
@@ -130,7 +130,7 @@ def test_deep_nesting_is_a_400(server, path):
 
 
 def test_token_ids_outside_the_vocabulary_are_a_400_not_a_dead_scheduler(server):
-    for ids in ([1, 2, VOCAB], [-1, 2, 3]):
+    for ids in ([1, 2, VOCAB_SIZE], [-1, 2, 3]):
         response = generate(server, ids)
         assert response.status_code == 400 and "outside the vocabulary" in response.text
     assert_serves(server)
@@ -231,7 +231,7 @@ def test_stats_stay_small_under_a_hint_flood_and_detail_comes_in_pages(server):
 
 def test_a_flood_asking_to_protect_more_than_the_pool_still_completes_every_request(server):
     for i in range(24):
-        prompt = [i, *random.Random(i).choices(range(VOCAB), k=199)]
+        prompt = [i, *random.Random(i).choices(range(VOCAB_SIZE), k=199)]
         steps = {f"agent{k}": 0 for k in range(24)}
         hint = {
             "workflow_id": "hog",

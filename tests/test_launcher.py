@@ -1,10 +1,15 @@
 """The launcher's argument handling (no server)."""
 
+import argparse
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 import torch
 
 from kvflow import launch_server
-from kvflow.config import CONFIG_ENV, KVFlowConfig
+from kvflow.config import CONFIG_ENV, KVFlowConfig, flag_name
 from kvflow.launch_server import (
     CPU_THREADS_BIND_ENV,
     EMBEDDED_MODEL_PATH,
@@ -69,6 +74,50 @@ def test_link_emulation_is_off_by_default_and_given_in_gigabytes_per_second():
     assert KVFlowConfig.from_cli(args).emulate_link_gbps == 52.8 and rest == ["--port", "1"]
     help_text = " ".join(parser.format_help().split())
     assert "GB/s, 1e9 bytes/s, not Gbit/s" in help_text and "0 (default) = off" in help_text
+
+
+def test_every_config_field_is_one_flag_that_round_trips():
+    parser = kvflow_arg_parser()
+    assert KVFlowConfig.from_cli(parser.parse_known_args([])[0]) == KVFlowConfig()
+    argv = [
+        "--kvflow-learn-graph",
+        "--no-kvflow-prefetch",
+        "--kvflow-hint-ttl",
+        "5",
+        "--kvflow-max-agents",
+        "9",
+    ]
+    config = KVFlowConfig.from_cli(parser.parse_known_args(argv)[0])
+    assert (config.learn_graph, config.prefetch, config.hint_ttl, config.max_agents) == (True, False, 5.0, 9)
+    flags = [flag for flag, _ in KVFlowConfig.cli_arguments()]
+    assert flags == [flag_name(option) for option in fields(KVFlowConfig)] and len(set(flags)) == len(flags)
+
+
+def _readme_flag_rows() -> dict[str, list[str]]:
+    """The README's ``--kvflow-*`` flag table: each row's first flag -> its cells."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| `--kvflow-"):
+            cells = [cell.strip() for cell in line.split("|")[1:-1]]
+            rows[re.match(r"`(--kvflow-[\w-]+)`", cells[0]).group(1)] = cells
+    return rows
+
+
+def _readme_default(cell: str) -> object:
+    if cell in ("on", "off"):
+        return cell == "on"
+    return float(cell.split()[0])
+
+
+def test_the_readme_flag_table_lists_every_flag_with_its_default():
+    rows = _readme_flag_rows()
+    arguments = dict(KVFlowConfig.cli_arguments())
+    assert list(rows) == list(arguments)
+    for flag, (names, default, _meaning) in rows.items():
+        assert _readme_default(default) == arguments[flag]["default"], flag
+        negated = arguments[flag].get("action") is argparse.BooleanOptionalAction
+        assert (f"`--no-{flag[2:]}`" in names) is negated, flag
 
 
 def test_link_emulation_needs_the_cpu_host_tier():

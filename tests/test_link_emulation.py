@@ -23,9 +23,9 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 
 from kvflow import patches
 from kvflow.config import CONFIG_ENV
-from kvflow.harness.demo import VOCAB, cyclic_steps, fixed_prompts
+from kvflow.harness.demo import cyclic_steps, fixed_prompts
 from kvflow.harness.server_process import ServerProcess
-from kvflow.launch_server import EMBEDDED_MODEL_PATH
+from kvflow.model import BYTE_TOKENS, EMBEDDED_MODEL_PATH
 
 link_emulation = patches.link_emulation
 
@@ -200,7 +200,7 @@ def emulated_run():
     """A cyclic workflow repeating each agent's round-0 prompt every round, then one un-hinted load."""
     prompts = fixed_prompts(AGENTS, FIXED)
     rng = random.Random(1)
-    inputs = [p + [rng.randrange(VOCAB) for _ in range(DYNAMIC)] for p in prompts]
+    inputs = [p + [rng.randrange(BYTE_TOKENS) for _ in range(DYNAMIC)] for p in prompts]
     with ServerProcess(ARGS) as server:
         print(f"server with an emulated link ready in {server.startup_seconds:.1f}s")
         runs = []

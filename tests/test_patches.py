@@ -1,15 +1,51 @@
-"""The patch set's hook targets exist in the pinned SGLang, and the version guard works."""
+"""kvflow's touch points exist in the pinned SGLang, and the version guard works.
+
+- Every hook target (``TARGETS`` of each patch module) resolves.
+- Every SGLang internal (``SGLANG_INTERNALS``) resolves on its module or class: an attribute, or a
+  field of a dataclass, msgspec struct, pydantic model or NamedTuple.
+- Every instance attribute (``SGLANG_INSTANCE_ATTRIBUTES``) is on a real object built on CPU for
+  the classes in ``BUILT`` (cache, tree core, node, allocator, request), else assigned as
+  ``self.<name>`` in the source of its class or an SGLang base.
+- Every SGLang method kvflow's classes override is listed; the patch tables of the README and of
+  docs/design.md name every patch module, the full one every target.
+- ``kvflow.plugin.load`` registers kvflow's names in SGLang's registries.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import inspect
+import json
 import pkgutil
 import re
+import textwrap
+from functools import cache
 from pathlib import Path
 
 import pytest
 
-from kvflow import patches
+from kvflow import NAME, patches
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH_MODULES = {
+    module.__name__.rsplit(".", 1)[-1]: module
+    for module in (
+        *patches.HOOK_PATCHES,
+        *patches.CPU_ONLY_PATCHES,
+        *patches.OPT_IN_PATCHES,
+        *patches.APP_PATCHES,
+    )
+}
+_SRT = "sglang.srt"
+# The classes whose instance attributes are checked on a real object (the ``sglang_objects`` fixture).
+BUILT = (
+    f"{_SRT}.mem_cache.unified_radix_cache.UnifiedRadixCache",
+    f"{_SRT}.mem_cache.unified_cache.unified_tree_core.UnifiedTreeCore",
+    f"{_SRT}.mem_cache.unified_cache.unified_tree_core.UnifiedTreeNode",
+    f"{_SRT}.mem_cache.allocator.BaseTokenToKVPoolAllocator",
+    f"{_SRT}.managers.schedule_batch.Req",
+)
 
 
 def test_installed_sglang_is_the_pinned_release():
@@ -27,19 +63,99 @@ def test_every_hook_target_exists(target):
     assert pkgutil.resolve_name(target) is not None
 
 
+def _fields(cls: type) -> set[str]:
+    """Field names of a dataclass, msgspec struct, pydantic model or NamedTuple (none otherwise)."""
+    names = {*getattr(cls, "__struct_fields__", ()), *getattr(cls, "_fields", ())}
+    names |= set(getattr(cls, "model_fields", {}))
+    if dataclasses.is_dataclass(cls):
+        names |= {field.name for field in dataclasses.fields(cls)}
+    return names
+
+
 @pytest.mark.parametrize("name", patches.SGLANG_INTERNALS)
 def test_every_sglang_internal_kvflow_relies_on_exists(name):
     # Resolve the owner, then look the last part up: some are runtime-set attributes (``_global_state``
-    # is None until the server starts) or fields of SGLang's request structs.
+    # is None until the server starts) or fields without a class attribute (pydantic, dataclasses).
     owner, _, attribute = name.rpartition(".")
-    assert hasattr(pkgutil.resolve_name(owner), attribute), name
+    resolved = pkgutil.resolve_name(owner)
+    assert hasattr(resolved, attribute) or (isinstance(resolved, type) and attribute in _fields(resolved)), (
+        name
+    )
 
 
-@pytest.mark.parametrize(("owner", "attributes"), patches.SGLANG_INSTANCE_ATTRIBUTES)
-def test_every_sglang_instance_attribute_kvflow_reads_is_set_by_its_init(owner, attributes):
-    source = inspect.getsource(pkgutil.resolve_name(owner).__init__)
-    for attribute in attributes:
-        assert re.search(rf"self\.{re.escape(attribute)}\s*(:[^=\n]+)?=", source), f"{owner}.{attribute}"
+@cache
+def _assigned_attributes(cls: type) -> frozenset[str]:
+    """Names assigned as ``self.<name>`` anywhere in the source of ``cls`` and its SGLang bases."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("sglang."):
+            continue
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(klass)))):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+                targets = [node.target]
+            else:
+                continue
+            names |= {
+                target.attr
+                for root in targets
+                for target in ast.walk(root)
+                if isinstance(target, ast.Attribute)
+                and isinstance(target.value, ast.Name)
+                and target.value.id == "self"
+            }
+    return frozenset(names)
+
+
+@pytest.fixture(scope="module")
+def sglang_objects() -> dict[str, object]:
+    """Real SGLang objects built on CPU (a stock cache that served one prompt), by the classes in
+    ``BUILT``: each is an instance of its class."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from kvflow.harness.offline import CacheDriver
+
+    driver = CacheDriver(size=64, cache_class=UnifiedRadixCache, policy="lru")
+    driver.serve(list(range(1, 9)))
+    tree = driver.cache.tree_core
+    (node,) = tree.root_node.children.values()
+    request = Req("rid", "", [1, 2, 3], SamplingParams())
+    objects = dict(zip(BUILT, (driver.cache, tree, node, driver.allocator, request), strict=True))
+    for owner, instance in objects.items():
+        assert isinstance(instance, pkgutil.resolve_name(owner)), owner
+    return objects
+
+
+@pytest.mark.parametrize(
+    ("owner", "attribute"),
+    [(owner, attribute) for owner, names in patches.SGLANG_INSTANCE_ATTRIBUTES for attribute in names],
+    ids=lambda value: value.rsplit(".", 1)[-1],
+)
+def test_every_sglang_instance_attribute_kvflow_uses_exists(owner, attribute, sglang_objects):
+    if owner in BUILT:
+        assert hasattr(sglang_objects[owner], attribute), f"{owner}.{attribute} (on a built instance)"
+    else:
+        cls = pkgutil.resolve_name(owner)
+        assert attribute in _assigned_attributes(cls), f"{owner}.{attribute} (assigned in its source)"
+
+
+def test_the_evictable_leaf_set_kvflow_replaces_is_a_set(sglang_objects):
+    # kvflow.cache.victims.EvictableLeaves subclasses set and takes the set's place.
+    from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
+
+    assert (
+        type(sglang_objects[f"{UnifiedTreeCore.__module__}.UnifiedTreeCore"].evictable_device_leaves) is set
+    )
+
+
+def test_the_tokenizer_manager_makes_the_internal_state_communicator():
+    from sglang.srt.managers.tokenizer_control_mixin import _COMMUNICATOR_SPECS
+
+    # init_communicators: setattr(self, f"{name}_communicator", ...), read by patches/stats_endpoint.py.
+    assert "get_internal_state" in {spec[0] for spec in _COMMUNICATOR_SPECS}
 
 
 def _overrides(cls: type, base: type) -> set[str]:
@@ -88,16 +204,77 @@ def test_cpu_host_tier_is_registered_only_without_cuda(monkeypatch):
         assert "prefetch_hold" in patches.active_patches()
 
 
-def test_registries_kvflow_plugs_into_exist():
-    from sglang.srt.arg_groups.choices import add_radix_eviction_policy_choices
-    from sglang.srt.mem_cache.registry import create_unified_radix_cache, register_radix_cache_backend
-    from sglang.srt.mem_cache.unified_cache.tree_core_registry import register_tree_core_backend
-    from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
+@pytest.fixture
+def fresh_registries(monkeypatch):
+    """SGLang's registries without kvflow's names (restored afterwards), and hooks not registered."""
+    from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES
+    from sglang.srt.mem_cache import registry
+    from sglang.srt.mem_cache.unified_cache import tree_core_registry
     from sglang.srt.mem_cache.utils import _EVICTION_POLICY_FACTORIES
+    from sglang.srt.plugins.hook_registry import HookRegistry
 
+    from kvflow import plugin
+
+    monkeypatch.setattr(registry, "_RADIX_CACHE_REGISTRY", {})
+    monkeypatch.setattr(tree_core_registry, "_TREE_CORE_REGISTRY", {})
+    monkeypatch.delitem(_EVICTION_POLICY_FACTORIES, NAME, raising=False)
+    choices = list(RADIX_EVICTION_POLICY_CHOICES)
+    RADIX_EVICTION_POLICY_CHOICES[:] = [choice for choice in choices if choice != NAME]
+    monkeypatch.setattr(HookRegistry, "register", lambda *args, **kwargs: None)
+    monkeypatch.setattr(patches, "_active", [])
+    monkeypatch.setattr(plugin, "_registered", False)
+    yield plugin
+    RADIX_EVICTION_POLICY_CHOICES[:] = choices
+
+
+def test_the_plugin_registers_kvflows_names_in_sglangs_registries(fresh_registries, monkeypatch):
+    from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES
+    from sglang.srt.mem_cache.registry import default_radix_cache_factory, get_radix_cache_factory
+    from sglang.srt.mem_cache.unified_cache.tree_core_registry import get_tree_core_factory
+    from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
+    from sglang.srt.mem_cache.utils import get_eviction_strategy
+
+    from kvflow.cache.eviction import WorkflowAwareStrategy
+    from kvflow.cache.radix_cache import workflow_cache_factory
     from kvflow.cache.tree_core import WorkflowTreeCore
+    from kvflow.config import CONFIG_ENV
+    from kvflow.plugin import STOCK_BACKEND_NAME
 
-    assert callable(register_radix_cache_backend) and callable(register_tree_core_backend)
-    assert callable(add_radix_eviction_policy_choices) and callable(create_unified_radix_cache)
-    assert "lru" in _EVICTION_POLICY_FACTORIES
-    assert issubclass(WorkflowTreeCore, UnifiedTreeCore)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    fresh_registries.load()  # outside a kvflow server: nothing registered
+    assert get_radix_cache_factory(NAME) is None and NAME not in RADIX_EVICTION_POLICY_CHOICES
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({}))
+    fresh_registries.load()
+    assert get_radix_cache_factory(NAME) is workflow_cache_factory
+    assert get_radix_cache_factory(STOCK_BACKEND_NAME) is default_radix_cache_factory
+    assert get_tree_core_factory(NAME) is WorkflowTreeCore and issubclass(WorkflowTreeCore, UnifiedTreeCore)
+    assert type(get_eviction_strategy(NAME, {"tie_break": "mru"})) is WorkflowAwareStrategy
+    assert NAME in RADIX_EVICTION_POLICY_CHOICES
+
+
+def _table_rows(markdown: str, header: str) -> dict[str, str]:
+    """The rows of the markdown table whose header line starts with ``header``: first cell -> row."""
+    lines = markdown[markdown.index(header) :].splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows[line.split("|")[1].strip()] = line
+    return rows
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/design.md"])
+def test_the_patch_tables_name_every_patch_module(document):
+    rows = _table_rows((ROOT / document).read_text(), "| patch | target | process | why |")
+    named = {re.match(r"`(\w+)`", cell).group(1) for cell in rows}
+    assert named == set(PATCH_MODULES)
+    assert {module.name for module in pkgutil.iter_modules(patches.__path__)} == named
+
+
+def test_the_full_patch_table_names_every_target():
+    rows = _table_rows((ROOT / "docs/design.md").read_text(), "| patch | target | process | why |")
+    for name, module in PATCH_MODULES.items():
+        (row,) = [row for cell, row in rows.items() if cell.startswith(f"`{name}`")]
+        target_cell = row.split("|")[2]
+        for target in module.TARGETS:
+            assert re.search(rf"\b{re.escape(target.rsplit('.', 1)[-1])}\b", target_cell), (name, target)

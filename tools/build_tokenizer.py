@@ -1,7 +1,8 @@
 """Rebuild the embedded model's tokenizer offline (no downloads).
 
-A byte-level BPE without merges: every UTF-8 byte is one token, plus a few
-special tokens for the chat template. Run from the repository root:
+A byte-level BPE without merges: every UTF-8 byte is one token, plus the
+special tokens for the chat template (``kvflow.model.SPECIAL_TOKENS``, after
+the bytes; ``config.json``'s ``vocab_size`` counts both). Run from the repository root:
 ``python tools/build_tokenizer.py``; it rewrites ``kvflow/model/tokenizer.json``.
 """
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-SPECIAL_TOKENS = ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+from kvflow.model import SPECIAL_TOKENS
 
 
 def build() -> Tokenizer:
@@ -18,7 +19,7 @@ def build() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
 
 

@@ -31,8 +31,8 @@ from urllib.parse import quote
 import requests
 
 from kvflow.harness.server_process import ServerProcess
+from kvflow.model import VOCAB_SIZE
 
-VOCAB = 262  # the embedded model's token ids
 FAR = 10**6
 TIMEOUT = 120.0
 MAX_GROUP = 4  # requests in flight at once on each server
@@ -185,7 +185,7 @@ class StreamBuilder:
     # ---- workflows and agents -------------------------------------------------------------
 
     def _tokens(self, count: int) -> list[int]:
-        return [self.rng.randrange(VOCAB) for _ in range(count)]
+        return [self.rng.randrange(VOCAB_SIZE) for _ in range(count)]
 
     def _flow(self, index: int) -> Flow:
         system = self._tokens(self.rng.randint(30, 100))

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import requests
 
 from kvflow.harness.server_process import ServerProcess
-
-VOCAB = 256  # byte tokens of the embedded model
+from kvflow.model import BYTE_TOKENS
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Invocation:
 def fixed_prompts(agents: int, fixed_len: int, seed: int = 0) -> list[list[int]]:
     """Deterministic, pairwise distinct fixed prompts (token ids of the embedded model)."""
     rng = random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(fixed_len)] for _ in range(agents)]
+    return [[rng.randrange(BYTE_TOKENS) for _ in range(fixed_len)] for _ in range(agents)]
 
 
 def cyclic_steps(agents: int, running: int) -> dict[str, int]:
@@ -63,7 +62,7 @@ def run_cyclic_workflow(
     invocations = []
     for round_index in range(rounds):
         for i in range(agents):
-            dynamic = [rng.randrange(VOCAB) for _ in range(dynamic_len)]
+            dynamic = [rng.randrange(BYTE_TOKENS) for _ in range(dynamic_len)]
             body = {
                 "input_ids": prompts[i] + dynamic,
                 "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True},
