@@ -22,7 +22,8 @@ Targets (``TARGETS``, under ``sglang.srt``):
   is the CPU, the backend ``direct`` and the layout ``layer_first``, the same
   copies (host ``k_buffer``/``v_buffer`` rows, ``host_kv_data_refs``,
   device ``device_k_buffers``/``device_v_buffers``) are made by
-  :func:`transfer_kv_direct` below: plain torch, the CUDA op's signature.
+  :func:`kvflow.cpu_kernels.direct_copy.transfer_kv_direct`: plain torch, the
+  CUDA op's signature.
   The copy is synchronous on the scheduler thread, so the acknowledgement
   protocol is unchanged: the completion events are ``torch.cpu.Event``
   (``record`` a no-op, ``query()`` true, ``synchronize`` a no-op), exact once
@@ -40,27 +41,14 @@ from __future__ import annotations
 import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from kvflow.cpu_kernels.direct_copy import cpu_direct_path, transfer_kv_direct
+
 TARGETS = (
     "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
     "sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost.backup_from_device_all_layer",
     "sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost.load_to_device_per_layer",
     "sglang.srt.mem_cache.l2_transfer.L2TransferEngine.__init__",
 )
-
-
-def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_size: int = 1) -> None:
-    """``sgl_kernel.kvcacheio.transfer_kv_direct`` in torch: ``dst[d] = src[s]`` along dim 0, per layer."""
-    if src_indices.numel() == 0:
-        return
-    src_indices = src_indices.to(torch.int64)
-    dst_indices = dst_indices.to(torch.int64)
-    for src, dst in zip(src_layers, dst_layers, strict=True):
-        dst.index_copy_(0, dst_indices, src.index_select(0, src_indices))
-
-
-def cpu_direct_path(pool, io_backend: str) -> bool:
-    """Whether a transfer of host pool ``pool`` is a CPU device pool on the direct/layer_first path."""
-    return pool._transfer_device.type == "cpu" and io_backend == "direct" and pool.layout == "layer_first"
 
 
 def _skip_host_register_without_cuda(original, buffer, *args, **kwargs):

@@ -27,14 +27,13 @@ seconds without a request.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kvflow.patches.workflow_endpoints import COMMAND_PREFIX
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from kvflow import control
 from kvflow.config import KVFlowConfig
 from kvflow.expiring_table import ExpiringTable, WhenFull
 from kvflow.hints import decode_transport
@@ -101,18 +100,14 @@ def ended_workflows(server_args: Mapping[str, Any]) -> list[str]:
     """The workflows a ``SetInternalStateReq``'s kvflow ``end`` commands end."""
     ended = []
     for key in server_args:
-        if not key.startswith(COMMAND_PREFIX):
+        if not control.is_command(key):
             continue
         try:
-            command = json.loads(key[len(COMMAND_PREFIX) :])
-        except ValueError:
+            command = control.decode(key)
+        except control.ControlError:
             continue  # the scheduler logs malformed commands
-        if (
-            isinstance(command, dict)
-            and command.get("op") == "end"
-            and isinstance(command.get("workflow_id"), str)
-        ):
-            ended.append(command["workflow_id"])
+        if isinstance(command, control.End):
+            ended.append(command.workflow_id)
     return ended
 
 

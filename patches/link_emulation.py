@@ -11,7 +11,7 @@ events, which become :class:`LinkEvent`: ``query()`` is false until the
 deadline and ``synchronize()`` sleeps until it. The hooks are registered only
 when G > 0 (the launcher refuses the flag on a CUDA machine and without
 HiCache), and each acts only on the CPU direct/layer_first path of
-``cpu_host_tier``.
+``cpu_host_tier`` (:func:`kvflow.cpu_kernels.direct_copy.cpu_direct_path`).
 
 Targets (``TARGETS``, under ``sglang.srt``):
 
@@ -52,8 +52,9 @@ import time
 from typing import Any
 
 import torch
-from kvflow.patches.cpu_host_tier import cpu_direct_path
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from kvflow.cpu_kernels.direct_copy import cpu_direct_path
 
 TARGETS = (
     "sglang.srt.mem_cache.l2_transfer.L2TransferEngine.submit_device_to_host",

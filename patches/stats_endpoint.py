@@ -23,10 +23,10 @@ import json
 
 from fastapi import Request
 from fastapi.responses import ORJSONResponse
-from kvflow.patches.workflow_endpoints import error_response
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvflow import NAME, STATS_ROUTE
+from kvflow.frontend.errors import error_response, refusal
 from kvflow.stats_query import QUERY_RID_PREFIX, QueryError, StatsQuery, parse_query
 
 TARGETS = (
@@ -64,17 +64,15 @@ async def kvflow_stats(request: Request) -> ORJSONResponse:
     try:
         query = parse_query(request.query_params)
     except QueryError as error:
-        return error_response(400, str(error), error.param, "BadRequestError")
+        return refusal(error)
     manager = _global_state.tokenizer_manager
     manager.auto_create_handle_loop()
     rid = None if query is None else QUERY_RID_PREFIX + json.dumps(query.__dict__)
     replies = await manager.get_internal_state_communicator(GetInternalStateReq(rid=rid))
     ranks = [reply.internal_state[NAME] for reply in replies if NAME in reply.internal_state]
     if not ranks:
-        return ORJSONResponse(
-            status_code=404,
-            content={"error": "the kvflow cache is not active on this server (stock --radix-cache-backend?)"},
-        )
+        message = "the kvflow cache is not active on this server (stock --radix-cache-backend?)"
+        return error_response(404, message, None, "NotFoundError")
     ranks.sort(key=lambda rank: rank["dp_rank"])
     return ORJSONResponse(ranks[0] if len(ranks) == 1 else {"ranks": ranks})
 

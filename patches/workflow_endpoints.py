@@ -12,21 +12,20 @@ Targets:
 * ``SchedulerInternalStateController.set_internal_state`` (an AROUND hook in
   the scheduler process): the cache lives in the scheduler, and SGLang's
   internal-state update is the RPC that reaches it from the HTTP process.
-  kvflow commands ride in its ``server_args`` map as keys
-  ``"kvflow:" + JSON`` (the map's values must be numbers, its keys may be any
-  string); the hook pops them before SGLang validates the rest and applies
-  them to the cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
+  kvflow commands (:mod:`kvflow.control`) ride in its ``server_args`` map;
+  the hook pops them before SGLang validates the rest and applies them to the
+  cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
   ``WorkflowRadixCache.end_workflow``), ``steps`` (a moved frontier: after a
   ``PATCH``, and after each response of a registered or learned workflow) and
-  ``clock`` (expire stale workflows). Every command carries the HTTP process's time (``at``), the only
-  time the cache reads (:mod:`kvflow.cache.stamped_clock`); the app's lifespan
-  sends a ``clock`` command every quarter TTL.
+  ``clock`` (expire stale workflows). Every command carries the HTTP process's
+  time (``at``); the app's lifespan sends a ``clock`` command every quarter TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -38,46 +37,39 @@ from fastapi import Request
 from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from kvflow import NAME, WORKFLOWS_ROUTE
+from kvflow import WORKFLOWS_ROUTE, control
 from kvflow.config import KVFlowConfig
+from kvflow.frontend.errors import error_response, refusal
 from kvflow.frontend.graph_learning import GraphLearner
 from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate, active_registry
-from kvflow.hints import read_stamp
 
 TARGETS = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.set_internal_state",
     "sglang.srt.entrypoints.http_server.app",
 )
 ROUTE = WORKFLOWS_ROUTE
-COMMAND_PREFIX = f"{NAME}:"
 
 logger = logging.getLogger(__name__)
 
 # ---- scheduler process -------------------------------------------------------
 
 
-def encode_command(command: dict[str, Any]) -> str:
-    """The ``server_args`` key that carries one kvflow command to the scheduler."""
-    return COMMAND_PREFIX + json.dumps(command, separators=(",", ":"), sort_keys=True)
-
-
 def _apply_command(cache: Any, key: str) -> bool:
     try:
-        command = json.loads(key[len(COMMAND_PREFIX) :])
-        advance_clock = getattr(cache, "advance_clock", None)
-        if advance_clock is not None:
-            advance_clock(read_stamp(command.get("at")))
-        if command["op"] == "clock":
-            return advance_clock is not None
-        if command["op"] == "end":
-            end_workflow = getattr(cache, "end_workflow", None)
-            return end_workflow is not None and end_workflow(command["workflow_id"])
-        if command["op"] == "steps":
-            set_steps = getattr(cache, "set_steps", None)
-            return set_steps is not None and set_steps(command["workflow_id"], command["steps"])
-    except (ValueError, KeyError, TypeError) as error:
+        command = control.decode(key)
+    except control.ControlError as error:
         logger.warning("ignoring malformed kvflow command %r: %s", key, error)
-    return False
+        return False
+    advance_clock = getattr(cache, "advance_clock", None)
+    if advance_clock is not None:
+        advance_clock(command.at)
+    if isinstance(command, control.Clock):
+        return advance_clock is not None
+    if isinstance(command, control.End):
+        end_workflow = getattr(cache, "end_workflow", None)
+        return end_workflow is not None and end_workflow(command.workflow_id)
+    set_steps = getattr(cache, "set_steps", None)
+    return set_steps is not None and set_steps(command.workflow_id, command.steps)
 
 
 def _run_kvflow_commands(original, controller, recv_req, *args, **kwargs):
@@ -85,7 +77,7 @@ def _run_kvflow_commands(original, controller, recv_req, *args, **kwargs):
     from sglang.srt.managers.io_struct import SetInternalStateReqOutput
 
     requested = recv_req.server_args
-    keys = [key for key in requested if key.startswith(COMMAND_PREFIX)]
+    keys = [key for key in requested if control.is_command(key)]
     if not keys:
         return original(controller, recv_req, *args, **kwargs)
     applied = True
@@ -106,13 +98,14 @@ def register_hooks() -> None:
 # ---- HTTP process --------------------------------------------------------------
 
 
-async def send_commands(commands: list[dict[str, Any]]) -> bool:
-    """Send kvflow commands to every scheduler; True if any applied all of them."""
+async def send_commands(commands: list[control.Command]) -> bool:
+    """Send kvflow commands, stamped now, to every scheduler; True if any applied all of them."""
     from sglang.srt.entrypoints.http_server import _global_state
     from sglang.srt.managers.io_struct import SetInternalStateReq
 
     now = time.monotonic()  # the stamp every rank's cache reads as the time (stamped_clock.py)
-    request = SetInternalStateReq(server_args={encode_command({**c, "at": now}): 1 for c in commands})
+    keys = [control.encode(dataclasses.replace(command, at=now)) for command in commands]
+    request = SetInternalStateReq(server_args=dict.fromkeys(keys, 1))
     return any(await _global_state.tokenizer_manager.set_internal_state(request))
 
 
@@ -126,7 +119,7 @@ async def send_clock(period: float) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            await send_commands([{"op": "clock"}])
+            await send_commands([control.Clock()])
         except Exception:
             logger.exception("sending the kvflow clock failed")
 
@@ -168,7 +161,7 @@ class FrontierPusher:
     async def push(self, workflow_ids: list[str]) -> bool:
         """Push now; True if the cache tracked (all of) them."""
         commands = [
-            {"op": "steps", "workflow_id": workflow_id, "steps": steps}
+            control.Steps(workflow_id, steps)
             for workflow_id in workflow_ids
             if (steps := self.registry.current_steps(workflow_id))
         ]
@@ -187,23 +180,6 @@ class FrontierPusher:
 _pusher: FrontierPusher | None = None
 
 
-def _printable(text: str | None) -> str | None:
-    """``text`` with lone surrogates escaped: orjson refuses them, and error messages quote client input."""
-    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_response(status: int, message: str, param: str | None, kind: str) -> ORJSONResponse:
-    """kvflow's JSON error answer (OpenAI-style), safe for any client text it quotes."""
-    content = {
-        "object": "error",
-        "message": _printable(message),
-        "type": kind,
-        "param": _printable(param),
-        "code": status,
-    }
-    return ORJSONResponse(status_code=status, content=content)
-
-
 def _answers_registry_errors(
     handler: Callable[..., Awaitable[ORJSONResponse]],
 ) -> Callable[..., Awaitable[ORJSONResponse]]:
@@ -212,7 +188,7 @@ def _answers_registry_errors(
         try:
             return await handler(*args, **kwargs)
         except RegistryError as error:
-            return error_response(error.status, str(error), error.param, type(error).__name__)
+            return refusal(error)
         except RecursionError:  # a document nested nearly as deep as the parser allows
             return error_response(400, "body: JSON nested too deeply", "body", "RegistryError")
 
@@ -259,7 +235,7 @@ async def patch_workflow(workflow_id: str, request: Request) -> ORJSONResponse:
 async def delete_workflow(workflow_id: str) -> ORJSONResponse:
     """End a workflow: forget it here and make its KV plain LRU in the cache at once."""
     registry_knew = _registry().end(workflow_id)
-    cache_knew = await send_commands([{"op": "end", "workflow_id": workflow_id}])
+    cache_knew = await send_commands([control.End(workflow_id)])
     if not (registry_knew or cache_knew):
         return error_response(404, f"workflow {workflow_id!r} is not known", None, "WorkflowNotFound")
     return ORJSONResponse({"workflow_id": workflow_id, "registry": registry_knew, "cache": cache_knew})

@@ -15,6 +15,7 @@ import requests
 import torch
 
 from kvflow import patches
+from kvflow.cpu_kernels.direct_copy import transfer_kv_direct
 from kvflow.harness.server_process import ServerProcess
 
 cpu_host_tier = patches.cpu_host_tier
@@ -25,11 +26,11 @@ cpu_host_tier = patches.cpu_host_tier
 def test_transfer_kv_direct_copies_rows_per_layer_in_any_order():
     src = [torch.randn(10, 2, 3), torch.randn(10, 2, 3)]
     dst = [torch.zeros(6, 2, 3), torch.zeros(6, 2, 3)]
-    cpu_host_tier.transfer_kv_direct(src, dst, torch.tensor([7, 1, 4]), torch.tensor([0, 5, 2]))
+    transfer_kv_direct(src, dst, torch.tensor([7, 1, 4]), torch.tensor([0, 5, 2]))
     for s, d in zip(src, dst, strict=True):
         assert torch.equal(d[[0, 5, 2]], s[[7, 1, 4]])
         assert not d[[1, 3, 4]].any()
-    cpu_host_tier.transfer_kv_direct(src, dst, torch.tensor([], dtype=torch.int64), torch.tensor([]))
+    transfer_kv_direct(src, dst, torch.tensor([], dtype=torch.int64), torch.tensor([]))
 
 
 def fake_host_pool(layers=2, device_rows=8, host_rows=16, layout="layer_first"):

@@ -6,10 +6,10 @@ from array import array
 
 import pytest
 from kvflow.patches.dp_routing import WorkflowRanks, ended_workflows, hinted_workflow
-from kvflow.patches.workflow_endpoints import encode_command
 from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
 from sglang.srt.sampling.sampling_params import SamplingParams
 
+from kvflow import control
 from kvflow.hints import WorkflowHint, transport
 
 
@@ -85,8 +85,8 @@ def test_the_workflow_is_read_from_the_hint_transport_of_a_tokenized_request():
 
 def test_end_commands_name_the_workflows_they_end():
     server_args = {
-        encode_command({"op": "end", "workflow_id": "wf-1"}),
-        encode_command({"op": "steps", "workflow_id": "wf-2", "steps": {"a": 1}}),
+        control.encode(control.End("wf-1")),
+        control.encode(control.Steps("wf-2", {"a": 1})),
         "kvflow:{broken",
         "max_running_requests",
     }

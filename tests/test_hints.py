@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from kvflow.patches.hint_middleware import rewrite_body
 
+from kvflow.frontend.hint_rewrite import rewrite_body
 from kvflow.hints import MAX_STEPS_ENTRIES, HintError, WorkflowHint, decode_transport, parse_hint
 
 GOOD = {"workflow_id": "w", "agent_id": "a"}

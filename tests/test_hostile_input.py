@@ -7,8 +7,9 @@ import asyncio
 import json
 
 import pytest
-from kvflow.patches.hint_middleware import HintMiddleware, rewrite_body
+from kvflow.patches.hint_middleware import HintMiddleware
 
+from kvflow.frontend.hint_rewrite import rewrite_body
 from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate
 from kvflow.hints import MAX_STEPS_ENTRIES, SEAL_KEY, HintError, WorkflowHint, check_transport, parse_hint
 from kvflow.stats_query import QueryError, StatsQuery, parse_query

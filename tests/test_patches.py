@@ -278,3 +278,37 @@ def test_the_full_patch_table_names_every_target():
         target_cell = row.split("|")[2]
         for target in module.TARGETS:
             assert re.search(rf"\b{re.escape(target.rsplit('.', 1)[-1])}\b", target_cell), (name, target)
+
+
+PATCH_DIR = Path(patches.__file__).resolve().parent
+PATCH_NAMES = sorted(path.stem for path in PATCH_DIR.glob("*.py") if path.stem != "__init__")
+
+
+def imported_names(source: str) -> set[str]:
+    """Every module (and ``module.name``) a source file imports, relative imports with their dots."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.add(base)
+            names.update(base + ("" if base.endswith(".") else ".") + alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("name", PATCH_NAMES)
+def test_no_patch_imports_another_patch(name):
+    # Shared helpers live in kvflow (kvflow.control, kvflow.frontend, kvflow.cpu_kernels), not in a patch.
+    siblings = {
+        prefix + other
+        for other in PATCH_NAMES
+        if other != name
+        for prefix in ("kvflow.patches.", "patches.", ".")
+    }
+    assert not imported_names((PATCH_DIR / f"{name}.py").read_text()) & siblings
+
+
+def test_the_import_check_sees_every_spelling():
+    source = "from kvflow.patches.a import x\nfrom kvflow.patches import b\nfrom . import c\nimport patches.d"
+    assert {"kvflow.patches.a", "kvflow.patches.b", ".c", "patches.d"} <= imported_names(source)

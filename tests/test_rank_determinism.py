@@ -16,12 +16,13 @@ import time
 from array import array
 
 import pytest
-from kvflow.patches.workflow_endpoints import _apply_command, clock_period, encode_command
+from kvflow.patches.workflow_endpoints import _apply_command, clock_period
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.sampling.sampling_params import SamplingParams
 
+from kvflow import control
 from kvflow.cache.stamped_clock import StampedClock
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import TIME_KEY, WorkflowHint, read_stamp, transport, transport_time
@@ -96,12 +97,13 @@ def test_clock_commands_expire_stale_workflows_without_any_request() -> None:
     cache = driver.cache
     cache.advance_clock(10.0)
     driver.serve([1, 2, 3, 4, 5], WorkflowHint("w", "a", 4, {"a": 0}))
-    assert _apply_command(cache, encode_command({"op": "clock", "at": 10.0 + cache.workflows.ttl / 2}))
+    assert _apply_command(cache, control.encode(control.Clock(10.0 + cache.workflows.ttl / 2)))
     assert cache.workflows.get("w") is not None
-    assert _apply_command(cache, encode_command({"op": "clock", "at": 11.0 + cache.workflows.ttl}))
+    assert _apply_command(cache, control.encode(control.Clock(11.0 + cache.workflows.ttl)))
     assert cache.workflows.get("w") is None
     stamped = cache.kvflow_clock()
-    assert _apply_command(cache, encode_command({"op": "clock", "at": "soon"}))  # applied, time unread
+    unreadable_time = control.COMMAND_PREFIX + '{"at":"soon","op":"clock"}'
+    assert _apply_command(cache, unreadable_time)  # applied, time unread
     assert cache.kvflow_clock() == stamped == 11.0 + cache.workflows.ttl
     assert clock_period(300.0) == 30.0 and clock_period(0.2) == 0.05 and clock_period(8.0) == 2.0
 

@@ -6,9 +6,10 @@ import asyncio
 import random
 
 import pytest
-from kvflow.patches.hint_middleware import HintMiddleware, RequestTracker, rewrite_body
+from kvflow.patches.hint_middleware import HintMiddleware, RequestTracker
 
 from kvflow.frontend.graph_learning import FAR, GraphLearner, TransitionModel, workflow_type
+from kvflow.frontend.hint_rewrite import rewrite_body
 from kvflow.frontend.registry import (
     RegistryError,
     RegistryFull,
