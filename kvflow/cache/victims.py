@@ -1,31 +1,20 @@
 """Device eviction victims from one heap kept across evictions, not one built per eviction.
 
-SGLang's Full component builds a heap of every evictable device leaf's priority on each eviction
-(``FullComponent._evict_device_start``): O(leaves) per call however little it frees, and kvflow's
-priority costs more per leaf than LRU's float. :class:`VictimHeap` keeps the leaves in one
-lazy-deletion heap instead (:mod:`kvflow.cache.lazy_heap`; a node's current entry is recorded in
-``node.kvflow``), and :class:`WorkflowFullComponent` pops its victims from it. Invariant: every
-evictable device leaf's current entry is in the heap, keyed at most the node's priority, because
+SGLang's Full component heaps every evictable device leaf on each eviction (O(leaves) per call);
+:class:`VictimHeap` keeps them in one lazy-deletion heap (:mod:`kvflow.cache.lazy_heap`, a node's
+current entry recorded in ``node.kvflow``) that :class:`WorkflowFullComponent` pops. It is used
+only where priorities grow between ``next_use`` changes (the kvflow policy with LRU ties, no
+session-aware caching); elsewhere SGLang's own heap runs. Invariant and why it holds:
 
-- a node that becomes a leaf is pushed at its priority (:class:`EvictableLeaves`, the tree core's
-  leaf set, sees every node SGLang adds);
-- a node whose ``next_use`` changes is pushed again if its priority dropped below its key
-  (:meth:`VictimHeap.next_use_changed`), and a leaf that gains an owner at once
-  (:meth:`VictimHeap.owner_assigned`: a rise the invariant allows to defer, but not for every
-  leaf of a large tree at once);
-- the rest of the priority, ``last_access_time``, only grows (SGLang's global counter), and the
-  strategy declares (``incremental``) that a priority then only grows too (LRU ties).
-
-So the first current entry at the top whose node is a leaf at its current priority is a minimum
-over all leaves: the victim SGLang's own heap would pop (leaves' keys never tie: their access
-times differ). A top entry whose node's priority rose is moved down to it; stale entries, entries
-of nodes no longer leaves and of nodes taken by the eviction in progress are dropped when they
-reach the top, without computing a priority. Within one eviction a node is handed out once (as by
-SGLang's heap); one still a leaf when the eviction ends (its write-back failed) is pushed back.
-
-The order is SGLang's only where priorities behave like that: the tree core uses this for the
-kvflow policy with LRU ties and without session-aware caching (whose priority also reads session
-references); otherwise :class:`WorkflowFullComponent` runs SGLang's own heap.
+- every evictable device leaf's current entry is in the heap, keyed at most its priority: a new
+  leaf is pushed (:class:`EvictableLeaves` sees every node SGLang adds), a leaf whose ``next_use``
+  change lowered its priority is pushed again (:meth:`VictimHeap.next_use_changed`), one that
+  gains an owner too (:meth:`VictimHeap.owner_assigned`), and ``last_access_time`` only grows;
+- so the first current entry at the top whose node is a leaf at that priority is the victim
+  SGLang's heap would pop (leaves' keys never tie: their access times differ); a top entry whose
+  priority rose is moved down, stale ones, non-leaves' and those taken by the eviction in progress
+  are dropped unevaluated;
+- within one eviction a node is handed out once; one still a leaf at its end is pushed back.
 """
 
 from __future__ import annotations
