@@ -29,7 +29,7 @@ every cache, in a rotating order, before op ``i + 1``), the pool full after the 
 - ``mixed``: one whole request of a known agent: (kvflow: ``observe_hint``) ``match_prefix``,
   lock, ``evict`` the 16 tokens its new tail needs, allocate, unlock, ``insert`` prompt + tail,
   (kvflow: ``claim``, ``agent_finished``);
-- ``hint`` (kvflow only, no stock equivalent): ``observe_hint`` of a known agent (re-rank).
+- ``hint`` (kvflow only, no stock equivalent): ``observe_hint`` of a known agent (its next use refreshed).
 
 The collector is off during builds and timings (for every cache alike). Reports ops/s
 (1 / mean) and p50 / p99 latency per op, and kvflow's ratio to each stock core, to

@@ -12,7 +12,7 @@ against each baseline, and PNG plots. Configurations:
   from its agent's next use (the cheap alternative);
 - ``kvflow``: kvflow's workflow-aware eviction, device pool only;
 - ``kvflow-hicache``: kvflow's eviction on both tiers;
-- ``kvflow-hops``, ``kvflow-hicache-hops``: the same ranked by the paper's hop counts instead of
+- ``kvflow-hops``, ``kvflow-hicache-hops``: the same ordered by the paper's hop counts instead of
   expected time (``--radix-eviction-policy-config '{"urgency": "hops"}'``, see
   ``kvflow.cache.eviction``); ``kvflow-mru``, ``kvflow-hicache-mru``: hop counts with the ``mru``
   tie-break among equal steps;

@@ -26,14 +26,14 @@ def driver_with(size: int, **options) -> CacheDriver:
     return driver
 
 
-def test_past_its_share_a_workflows_farthest_prompts_rank_after_every_other_workflows_protected_ones():
+def test_past_its_share_a_workflows_farthest_prompts_go_before_every_other_workflows_protected_ones():
     driver = driver_with(200, max_protected_fraction=0.5)  # 100 tokens per workflow
     hog = {f"h{i}": i for i in range(6)}
     for i in range(6):  # 6 x 20 tokens asked to be protected, nearest first
         driver.serve(prompt(0, i), WorkflowHint("hog", f"h{i}", 20, hog))
     agents = driver.cache.workflows.get("hog").agents
     assert [agents[f"h{i}"].over_budget for i in range(6)] == [False] * 5 + [True]
-    assert agents["h5"].rank[0] == 1 and all(agents[f"h{i}"].rank[0] == 0 for i in range(5))
+    assert agents["h5"].next_use[0] == 1 and all(agents[f"h{i}"].next_use[0] == 0 for i in range(5))
     driver.serve(prompt(1, 0), WorkflowHint("small", "s", 20, {"s": 50}))  # far, but within its share
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(prompt(0, 5)) == 0  # the hog's excess went first...
@@ -81,7 +81,7 @@ def test_the_tracked_agent_cap_forgets_the_least_recently_hinted_workflows():
     (node,) = [
         n for n in driver.cache.tree_core.root_node.children.values() if n.key.token_ids[0] == prompt(0, 0)[0]
     ]
-    assert node.kvflow_min is None and node.kvflow_owners == []
+    assert node.kvflow.next_use is None and node.kvflow.owners == []
 
 
 def test_stats_detail_comes_in_pages_and_the_summary_does_not_grow():
@@ -126,8 +126,8 @@ def test_the_idle_check_hook_finds_a_corrupted_subtree_minimum(monkeypatch):
     driver.serve(prompt(0, 0), WorkflowHint("wf", "a", 20, {"a": 3}))
     checker = SimpleNamespace(tree_cache=driver.cache)  # SGLang's checker only lends its tree_cache
     idle_integrity._check_ownership(None, checker)
-    driver.cache.workflows.get("wf").agents["a"].node.kvflow_min = 99
-    with pytest.raises(AssertionError, match="kvflow_min"):
+    driver.cache.workflows.get("wf").agents["a"].node.kvflow.next_use = 99
+    with pytest.raises(AssertionError, match="next_use"):
         idle_integrity._check_ownership(None, checker)
     monkeypatch.setenv("SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK", "0")
     idle_integrity._check_ownership(None, checker)  # off unless SGLang's own flag is on

@@ -42,12 +42,12 @@ def test_shared_system_prompt_is_protected_by_its_most_urgent_user_without_copyi
     assert shared is b_node.parent and len(shared.key) == len(SYSTEM)
     # b finished, so it became the farthest (3); a, next up, protects the shared prompt
     assert (agents["a"].steps, agents["b"].steps) == (2, 3)
-    assert agents["a"].rank < agents["b"].rank
-    assert shared.kvflow_owners == [] and shared.kvflow_min == agents["a"].rank
-    assert a_node.kvflow_owners == [agents["a"]] and a_node.kvflow_min == agents["a"].rank
-    assert b_node.kvflow_min == agents["b"].rank
+    assert agents["a"].next_use < agents["b"].next_use
+    assert shared.kvflow.owners == [] and shared.kvflow.next_use == agents["a"].next_use
+    assert a_node.kvflow.owners == [agents["a"]] and a_node.kvflow.next_use == agents["a"].next_use
+    assert b_node.kvflow.next_use == agents["b"].next_use
     suffix = next(iter(a_node.children.values()))
-    assert suffix.kvflow_owners == [] and suffix.kvflow_min is None  # dynamic part stays un-owned
+    assert suffix.kvflow.owners == [] and suffix.kvflow.next_use is None  # dynamic part stays un-owned
 
 
 def test_split_puts_the_boundary_exactly_at_fixed_prefix_len():
@@ -59,9 +59,9 @@ def test_split_puts_the_boundary_exactly_at_fixed_prefix_len():
     assert len(whole.key) == 30
     driver.cache.observe_hint(hint("a", 18), prompt)
     (boundary,) = root.children.values()
-    assert len(boundary.key) == 18 and boundary.kvflow_owners[0].agent_id == "a"
+    assert len(boundary.key) == 18 and boundary.kvflow.owners[0].agent_id == "a"
     (tail,) = boundary.children.values()
-    assert tail is whole and len(tail.key) == 12 and tail.kvflow_owners == [] and tail.kvflow_min is None
+    assert tail is whole and len(tail.key) == 12 and tail.kvflow.owners == [] and tail.kvflow.next_use is None
     driver.check_accounting()
 
 
@@ -72,9 +72,10 @@ def test_a_later_split_above_the_boundary_does_not_copy_ownership_up():
     boundary = driver.cache.workflows.workflows()[0].agents["a"].node
     driver.serve(prompt[:10] + [7, 7, 7])  # diverges inside the owned node
     assert boundary.parent is not driver.cache.tree_core.root_node
-    assert len(boundary.key) == 20 and boundary.kvflow_owners[0].agent_id == "a"
+    assert len(boundary.key) == 20 and boundary.kvflow.owners[0].agent_id == "a"
     assert (
-        boundary.parent.kvflow_owners == [] and boundary.parent.kvflow_min == boundary.kvflow_owners[0].rank
+        boundary.parent.kvflow.owners == []
+        and boundary.parent.kvflow.next_use == boundary.kvflow.owners[0].next_use
     )
 
 
@@ -86,7 +87,7 @@ def test_two_workflows_sharing_a_prefix_never_collide_and_take_the_lowest_steps(
     w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
     assert w1 is not w2 and w1.node is not w2.node
     assert w1.steps == 5 and w2.steps == 1
-    assert w2.rank < w1.rank and w1.node.parent.kvflow_min == w2.rank
+    assert w2.next_use < w1.next_use and w1.node.parent.kvflow.next_use == w2.next_use
 
 
 def test_unowned_nodes_are_evicted_before_any_owned_node_lru_among_them():
@@ -128,7 +129,7 @@ def test_equal_steps_across_workflows_go_by_when_they_are_needed_the_later_first
     for workflow, prompt in prompts.items():  # same pace (the prior); w2 stepped later
         driver.serve(prompt, hint("agent", 20, {"agent": 0, "next": 1}, workflow=workflow))
     w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
-    assert w1.steps == w2.steps and w1.rank < w2.rank
+    assert w1.steps == w2.steps and w1.next_use < w2.next_use
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(prompts["w2"]) == 0 and driver.cached_len(prompts["w1"]) == 20
 
@@ -158,7 +159,7 @@ def test_a_slow_workflows_next_agent_goes_before_a_fast_workflows_farther_one():
     slow_next = min((a for a in slow.agents.values() if a.steps > 0), key=lambda a: a.steps)
     fast_farthest = max(fast.agents.values(), key=lambda a: a.steps)
     assert slow_next.steps < fast_farthest.steps  # by hops the slow one's next agent would be kept...
-    assert slow_next.rank > fast_farthest.rank  # ...but it is needed later
+    assert slow_next.next_use > fast_farthest.next_use  # ...but it is needed later
 
 
 @pytest.mark.parametrize("tie_break, evicted", [("lru", "w1"), ("mru", "w2")])

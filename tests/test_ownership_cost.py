@@ -1,9 +1,9 @@
 """Subtree minima at a cost that does not grow with fan-out (issue 12, part 3).
 
-- The per-child structure stays exact: seeded random runs of re-ranks, splits, evictions and
+- The per-child structure stays exact: seeded random runs of next-use changes, splits, evictions and
   expiries through :class:`CacheDriver` (which calls ``check_integrity()`` after every request),
   and the integrity check catches a structure broken behind its back.
-- Cost is counted, not timed: rank comparisons per re-rank and per removed sibling at 10 and at
+- Cost is counted, not timed: key comparisons per refresh and per removed sibling at 10 and at
   10^4 siblings, and nodes looked at by ``_evictable_farther_than`` once it has enough.
 - A CI-sized run of ``benchmarks.cache_cost``.
 """
@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 
-from kvflow.cache import ownership
+from kvflow.cache.node_state import NodeState
+from kvflow.cache.ownership import Ownership
 from kvflow.cache.prefetch import _evictable_farther_than
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
@@ -43,7 +44,7 @@ def _random_run(seed: int, page_size: int, steps: int = 120) -> CacheDriver:
             fixed = rng.choice([None, len(prompt) - rng.randint(0, 4)])
             tail = [rng.randint(2000, 2100) for _ in range(rng.randint(0, 20))]
             driver.serve(prompt + tail, WorkflowHint(workflow, agent, fixed, steps_map))
-        elif roll < 0.85:  # a re-rank from outside a request
+        elif roll < 0.85:  # a steps change from outside a request
             cache.set_steps(workflow, {agent: rng.randint(0, 9)})
         elif roll < 0.95:  # a big un-hinted request: evicts owned and un-owned nodes
             driver.serve([rng.randint(3000, 3050) for _ in range(rng.randint(40, 120))])
@@ -55,7 +56,7 @@ def _random_run(seed: int, page_size: int, steps: int = 120) -> CacheDriver:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_the_per_child_structure_stays_exact_under_random_reranks_splits_and_evictions(seed, page_size):
+def test_the_per_child_structure_stays_exact_under_random_refreshes_splits_and_evictions(seed, page_size):
     driver = _random_run(seed, page_size)
     assert sum(c["nodes"] for tier in driver.cache.tree_core.kvflow_evictions.values() for c in tier.values())
 
@@ -64,7 +65,7 @@ def _node_with_structure(driver: CacheDriver) -> Any:
     stack = [driver.cache.tree_core.root_node]
     while stack:
         node = stack.pop()
-        if node.kvflow_children is not None and node.kvflow_children.values:
+        if node.kvflow.child_mins is not None and node.kvflow.child_mins.values:
             return node
         stack.extend(node.children.values())
     raise AssertionError("no node holds a per-child structure")
@@ -91,7 +92,7 @@ def test_the_integrity_check_catches_a_broken_per_child_structure(corrupt, messa
     driver = _fan_driver()
     driver.cache.check_integrity()
     node = _node_with_structure(driver)
-    structure = node.kvflow_children
+    structure = node.kvflow.child_mins
     corrupt(structure, next(iter(structure.values)))
     with pytest.raises(AssertionError, match=message):
         driver.cache.check_ownership()
@@ -100,8 +101,8 @@ def test_the_integrity_check_catches_a_broken_per_child_structure(corrupt, messa
 def test_the_integrity_check_catches_a_stale_own_minimum():
     driver = _fan_driver()
     agent = driver.cache.workflows.get("wf").agents["a3"]
-    agent.node.kvflow_own_min = -1
-    with pytest.raises(AssertionError, match="kvflow_own_min"):
+    agent.node.kvflow.own_next_use = -1
+    with pytest.raises(AssertionError, match="own_next_use"):
         driver.cache.check_ownership()
 
 
@@ -112,8 +113,8 @@ def test_a_split_above_an_owned_node_moves_it_into_the_new_node_structure():
     driver.serve(list(range(1, 5)) + [900] * 6)
     upper = system_node.parent
     assert len(upper.key) == 4 and len(system_node.key) == 4 and upper.parent.parent is None
-    assert list(upper.kvflow_children.values) == [system_node]  # the new prompt's node has no value
-    assert upper.kvflow_min is not None and upper.kvflow_min == system_node.kvflow_min
+    assert list(upper.kvflow.child_mins.values) == [system_node]  # the new prompt's node has no value
+    assert upper.kvflow.next_use is not None and upper.kvflow.next_use == system_node.kvflow.next_use
     driver.cache.check_integrity()
 
 
@@ -121,8 +122,8 @@ def test_a_split_above_an_owned_node_moves_it_into_the_new_node_structure():
 
 
 @total_ordering
-class CountedRank:
-    """A rank that counts every comparison made with it (the unit of work of a refresh)."""
+class CountedKey:
+    """A next-use key that counts every comparison made with it (the unit of work of a refresh)."""
 
     comparisons = 0
 
@@ -130,14 +131,17 @@ class CountedRank:
         self.value = value
 
     def __eq__(self, other: object) -> bool:
-        CountedRank.comparisons += 1
-        return isinstance(other, CountedRank) and self.value == other.value
+        CountedKey.comparisons += 1
+        return isinstance(other, CountedKey) and self.value == other.value
 
-    def __lt__(self, other: CountedRank) -> bool:
-        CountedRank.comparisons += 1
+    def __lt__(self, other: CountedKey) -> bool:
+        CountedKey.comparisons += 1
         return self.value < other.value
 
     __hash__ = None  # type: ignore[assignment]
+
+
+OWNERSHIP = Ownership()  # with no victim heap, as SGLang's own eviction heap would run
 
 
 class FakeNode:
@@ -149,60 +153,60 @@ class FakeNode:
 
 def _node(parent: Any = None) -> FakeNode:
     node = FakeNode(parent)
-    ownership.init_node(node)
+    OWNERSHIP.init_node(node)
     if parent is not None:
         parent.children[id(node)] = node
     return node
 
 
 def _fan(siblings: int, seed: int = 0) -> tuple[FakeNode, list[SimpleNamespace]]:
-    """root -> system prompt -> ``siblings`` agents' nodes, each owned by one ranked agent."""
+    """root -> system prompt -> ``siblings`` agents' nodes, each owned by one agent with a next use."""
     rng = random.Random(seed)
     root = _node()
     system = _node(root)
     agents = []
     for _ in range(siblings):
-        agent = SimpleNamespace(rank=CountedRank(rng.random()), node=None)
-        ownership.assign(agent, _node(system))
+        agent = SimpleNamespace(next_use=CountedKey(rng.random()), node=None)
+        OWNERSHIP.assign(agent, _node(system))
         agents.append(agent)
     return system, agents
 
 
 def _reference_min(node: Any) -> Any:
-    ranks = [a.rank for a in node.kvflow_owners] + [c.kvflow_min for c in node.children.values()]
-    ranks = [r for r in ranks if r is not None]
-    return min(ranks, key=lambda r: r.value, default=None)
+    keys = [a.next_use for a in node.kvflow.owners] + [c.kvflow.next_use for c in node.children.values()]
+    keys = [k for k in keys if k is not None]
+    return min(keys, key=lambda k: k.value, default=None)
 
 
-def _comparisons_per_rerank(siblings: int, reranks: int = 400) -> float:
+def _comparisons_per_refresh(siblings: int, refreshes: int = 400) -> float:
     system, agents = _fan(siblings)
     rng = random.Random(1)
-    CountedRank.comparisons = 0
-    for _ in range(reranks):
+    CountedKey.comparisons = 0
+    for _ in range(refreshes):
         agent = rng.choice(agents)
-        agent.rank = CountedRank(rng.random())
-        ownership.refresh_upward(agent.node)
-    per_op = CountedRank.comparisons / reranks
-    assert system.kvflow_min is _reference_min(system)
+        agent.next_use = CountedKey(rng.random())
+        OWNERSHIP.refresh_upward(agent.node)
+    per_op = CountedKey.comparisons / refreshes
+    assert system.kvflow.next_use is _reference_min(system)
     return per_op
 
 
 def _comparisons_per_removal(siblings: int, removals: int = 400) -> float:
     system, agents = _fan(siblings)
     rng = random.Random(2)
-    CountedRank.comparisons = 0
+    CountedKey.comparisons = 0
     for agent in rng.sample(agents, removals):  # a leaf evicted: what the tree core reports
         node = agent.node
         del system.children[id(node)]
-        ownership.detach_removed_node(node, system)
-    per_op = CountedRank.comparisons / removals
-    assert system.kvflow_min is _reference_min(system)
+        OWNERSHIP.detach_removed_node(node, system)
+    per_op = CountedKey.comparisons / removals
+    assert system.kvflow.next_use is _reference_min(system)
     return per_op
 
 
-def test_a_rerank_costs_logarithmically_many_comparisons_in_the_number_of_siblings():
-    small, large = _comparisons_per_rerank(10), _comparisons_per_rerank(10_000)
-    # A scan of every sibling would make the large fan cost >= 10^4 comparisons per re-rank.
+def test_a_refresh_costs_logarithmically_many_comparisons_in_the_number_of_siblings():
+    small, large = _comparisons_per_refresh(10), _comparisons_per_refresh(10_000)
+    # A scan of every sibling would make the large fan cost >= 10^4 comparisons per refresh.
     assert large < 4 * math.log2(10_000) + 10
     assert large < 6 * small
 
@@ -213,21 +217,21 @@ def test_evicting_a_sibling_costs_logarithmically_many_comparisons_in_the_number
     assert large < 3 * small
 
 
-def test_a_rerank_stops_at_the_first_ancestor_whose_minimum_is_unchanged():
+def test_a_refresh_stops_at_the_first_ancestor_whose_minimum_is_unchanged():
     root = _node()
     chain = [_node(root)]
     for _ in range(50):
         chain.append(_node(chain[-1]))
-    near = SimpleNamespace(rank=CountedRank(0.0), node=None)
-    ownership.assign(near, chain[0])  # the minimum of the whole chain sits at its top
-    far = SimpleNamespace(rank=CountedRank(5.0), node=None)
-    ownership.assign(far, chain[-1])
-    CountedRank.comparisons = 0
-    far.rank = CountedRank(6.0)
-    ownership.refresh_upward(far.node)
-    assert all(n.kvflow_min.value == 6.0 for n in chain[1:])
-    assert chain[0].kvflow_min is near.rank
-    assert CountedRank.comparisons < 4 * len(chain)  # each node on the path once, no sibling scans
+    near = SimpleNamespace(next_use=CountedKey(0.0), node=None)
+    OWNERSHIP.assign(near, chain[0])  # the minimum of the whole chain sits at its top
+    far = SimpleNamespace(next_use=CountedKey(5.0), node=None)
+    OWNERSHIP.assign(far, chain[-1])
+    CountedKey.comparisons = 0
+    far.next_use = CountedKey(6.0)
+    OWNERSHIP.refresh_upward(far.node)
+    assert all(n.kvflow.next_use.value == 6.0 for n in chain[1:])
+    assert chain[0].kvflow.next_use is near.next_use
+    assert CountedKey.comparisons < 4 * len(chain)  # each node on the path once, no sibling scans
 
 
 def test_the_heap_is_compacted_so_it_stays_proportional_to_the_live_children():
@@ -235,9 +239,9 @@ def test_the_heap_is_compacted_so_it_stays_proportional_to_the_live_children():
     rng = random.Random(3)
     for _ in range(5000):
         agent = rng.choice(agents)
-        agent.rank = CountedRank(rng.random())
-        ownership.refresh_upward(agent.node)
-    structure = system.kvflow_children
+        agent.next_use = CountedKey(rng.random())
+        OWNERSHIP.refresh_upward(agent.node)
+    structure = system.kvflow.child_mins
     assert len(structure.values) == 100
     assert len(structure.heap) <= 2 * 100 + 8
 
@@ -253,9 +257,15 @@ class CountingData(dict):
         return super().__getitem__(key)
 
 
+def _state(next_use: Any) -> NodeState:
+    state = NodeState()
+    state.next_use = next_use
+    return state
+
+
 def _prefetch_tree(rng: random.Random, nodes: int) -> SimpleNamespace:
     """A random tree of nodes with device values (evicted below an evicted node), locks and minima."""
-    root = SimpleNamespace(parent=None, children={}, kvflow_min=None, key=[])
+    root = SimpleNamespace(parent=None, children={}, kvflow=NodeState(), key=[])
     pool = [root]
     for i in range(nodes):
         parent = rng.choice(pool)
@@ -267,7 +277,7 @@ def _prefetch_tree(rng: random.Random, nodes: int) -> SimpleNamespace:
         node = SimpleNamespace(
             parent=parent,
             children={},
-            kvflow_min=rng.choice([None, *range(6)]),
+            kvflow=_state(rng.choice([None, *range(6)])),
             key=[0] * rng.randint(1, 8),
             component_data=CountingData({ComponentType.FULL: data}),
         )
@@ -276,12 +286,12 @@ def _prefetch_tree(rng: random.Random, nodes: int) -> SimpleNamespace:
     return root
 
 
-def _full_walk(root: Any, rank: int) -> int:
+def _full_walk(root: Any, next_use: int) -> int:
     """The walk ``_evictable_farther_than`` did before it took ``needed`` (every node, no early stop)."""
     total, stack = 0, list(root.children.values())
     while stack:
         node = stack.pop()
-        if node.kvflow_min is None or node.kvflow_min > rank:
+        if node.kvflow.next_use is None or node.kvflow.next_use > next_use:
             inner = [node]
             while inner:
                 current = inner.pop()
@@ -298,22 +308,22 @@ def _full_walk(root: Any, rank: int) -> int:
 def test_evictable_farther_than_answers_as_the_full_walk_did(seed):
     rng = random.Random(seed)
     root = _prefetch_tree(rng, rng.randint(1, 300))
-    for rank in range(-1, 7):
-        full = _full_walk(root, rank)
-        assert _evictable_farther_than(root, rank) == full
+    for next_use in range(-1, 7):
+        full = _full_walk(root, next_use)
+        assert _evictable_farther_than(root, next_use) == full
         for needed in (1, 7, full, full + 1, rng.randint(1, 2 * full + 2)):
-            assert (_evictable_farther_than(root, rank, needed) >= needed) == (full >= needed)
+            assert (_evictable_farther_than(root, next_use, needed) >= needed) == (full >= needed)
 
 
 def test_evictable_farther_than_stops_once_it_found_what_is_needed():
     rng = random.Random(0)
-    root = SimpleNamespace(parent=None, children={}, kvflow_min=None, key=[])
+    root = SimpleNamespace(parent=None, children={}, kvflow=NodeState(), key=[])
     for i in range(10_000):  # a wide fan of un-owned, unlocked device nodes of 16 tokens
         data = SimpleNamespace(value=object(), lock_ref=0)
         root.children[i] = SimpleNamespace(
             parent=root,
             children={},
-            kvflow_min=rng.choice([None, 9]),
+            kvflow=_state(rng.choice([None, 9])),
             key=[0] * 16,
             component_data=CountingData({ComponentType.FULL: data}),
         )

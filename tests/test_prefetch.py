@@ -40,11 +40,11 @@ def test_making_room_never_evicts_an_agent_that_runs_sooner():
     agents = fill(driver, {"near": 1, "mid": 2, "far": 5, "farther": 6})
     prefetcher = Prefetcher(driver.cache, steps_limit=2)
     # Room for a prefetch of an agent at step 2: only 'far' and 'farther' may go.
-    assert prefetcher._make_room(40, rank=agents["mid"].rank)
+    assert prefetcher._make_room(40, next_use=agents["mid"].next_use)
     assert driver.cached_len(prompt(0)) == 20 and driver.cached_len(prompt(1)) == 20
     assert agents["far"].node is None and agents["farther"].node is None
     # Nothing farther than step 1 is left but 'mid'; more room than that is refused, nothing evicted.
-    assert not prefetcher._make_room(80, rank=agents["near"].rank)
+    assert not prefetcher._make_room(80, next_use=agents["near"].next_use)
     assert driver.cached_len(prompt(0)) == 20 and driver.cached_len(prompt(1)) == 20
     driver.check_accounting()
 
@@ -54,7 +54,7 @@ def test_unowned_nodes_make_room_first():
     agents = fill(driver, {"near": 1, "far": 4})
     driver.serve(prompt(7))  # un-hinted traffic
     prefetcher = Prefetcher(driver.cache, steps_limit=1)
-    assert prefetcher._make_room(20, rank=agents["near"].rank)
+    assert prefetcher._make_room(20, next_use=agents["near"].next_use)
     assert driver.cached_len(prompt(7)) == 0
     assert agents["far"].node is not None and agents["near"].node is not None
 
@@ -166,9 +166,9 @@ def test_a_prefetch_also_leaves_room_for_the_requests_of_the_due_agents():
     agents = fill(driver, {"near": 1, "far": 5})  # 40 tokens cached, 60 free
     prefetcher = Prefetcher(driver.cache, steps_limit=1)
     prefetcher.reserved_tokens = 10
-    assert not prefetcher._make_room(20, rank=agents["near"].rank, ahead=51)  # 60 + 20 < 20 + 10 + 51
+    assert not prefetcher._make_room(20, next_use=agents["near"].next_use, ahead=51)  # 60 + 20 < 20 + 10 + 51
     assert agents["far"].node is not None  # refused: nothing evicted
-    assert prefetcher._make_room(20, rank=agents["near"].rank, ahead=50)
+    assert prefetcher._make_room(20, next_use=agents["near"].next_use, ahead=50)
 
 
 def test_an_agents_next_request_is_expected_to_take_what_its_finished_ones_took():
@@ -191,10 +191,10 @@ def test_a_prefetch_leaves_room_for_what_the_running_requests_will_still_decode(
     agents = fill(driver, {"near": 1, "far": 5})  # 40 tokens cached, 60 free
     prefetcher = Prefetcher(driver.cache, steps_limit=1)
     prefetcher.reserved_tokens = 50
-    assert prefetcher._make_room(20, rank=agents["near"].rank)  # 60 free + 20 farther >= 20 + 50
+    assert prefetcher._make_room(20, next_use=agents["near"].next_use)  # 60 free + 20 farther >= 20 + 50
     assert agents["far"].node is not None  # the free slots were enough: nothing evicted yet
     prefetcher.reserved_tokens = 70
-    assert not prefetcher._make_room(20, rank=agents["near"].rank)  # 60 + 20 < 20 + 70: it waits
+    assert not prefetcher._make_room(20, next_use=agents["near"].next_use)  # 60 + 20 < 20 + 70: it waits
     assert driver.cached_len(prompt(1)) == 20
 
 

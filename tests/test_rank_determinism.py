@@ -57,13 +57,15 @@ def _drive_as_rank(monkeypatch: pytest.MonkeyPatch, offset: float, rate: float) 
         driver.serve(prompt, hint)
         tracked.append(sorted(w.workflow_id for w in cache.workflows.workflows()))
     monkeypatch.undo()
-    ranks = {
-        (w.workflow_id, a.agent_id): a.rank for w in cache.workflows.workflows() for a in w.agents.values()
+    next_uses = {
+        (w.workflow_id, a.agent_id): a.next_use
+        for w in cache.workflows.workflows()
+        for a in w.agents.values()
     }
-    return {"freed": driver.allocator.freed, "tracked": tracked, "ranks": ranks}
+    return {"freed": driver.allocator.freed, "tracked": tracked, "next_uses": next_uses}
 
 
-def test_two_ranks_with_skewed_clocks_expire_evict_and_rank_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_ranks_with_skewed_clocks_expire_evict_and_order_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     rank0 = _drive_as_rank(monkeypatch, 0.0, 1.0)
     rank1 = _drive_as_rank(monkeypatch, 1e6, 1000.0)  # a clock far ahead and running 1000x fast
     assert rank0 == rank1

@@ -56,7 +56,7 @@ def test_a_stalled_workflow_is_expected_later_at_every_review_and_a_new_step_res
     assert stalled.stretch == 0.0
 
 
-def test_hop_urgency_ranks_by_steps_alone():
+def test_hop_urgency_orders_by_steps_alone():
     clock = LogicalClock("hops")
     pace = WorkflowPace(clock)
     pace.step()
@@ -80,15 +80,15 @@ def test_through_the_cache_a_workflow_that_stops_falls_behind_the_live_ones():
             _serve(driver, workflow, running, {f"a{j}": (j - running) % 2 for j in range(2)})
     done = driver.cache.workflows.get("done").agents
     live = driver.cache.workflows.get("live").agents
-    assert min(a.rank for a in done.values()) < max(a.rank for a in live.values())
+    assert min(a.next_use for a in done.values()) < max(a.next_use for a in live.values())
     for turn in range(4, 40):  # only "live" goes on; "done" is reviewed as it stalls
         running = turn % 2
         _serve(driver, "live", running, {f"a{j}": (j - running) % 2 for j in range(2)})
-    assert min(a.rank for a in done.values()) > max(a.rank for a in live.values())
-    assert set(cycle) == set(done)  # reviews re-rank, they do not forget (that is the TTL's job)
+    assert min(a.next_use for a in done.values()) > max(a.next_use for a in live.values())
+    assert set(cycle) == set(done)  # reviews move them, they do not forget (that is the TTL's job)
 
 
-def test_two_caches_fed_the_same_hints_rank_alike_whatever_their_wall_clocks():
+def test_two_caches_fed_the_same_hints_order_alike_whatever_their_wall_clocks():
     drivers = [CacheDriver(size=200), CacheDriver(size=200)]
     seconds = [[0.0], [1e6]]
     for driver, now in zip(drivers, seconds, strict=True):
@@ -100,15 +100,15 @@ def test_two_caches_fed_the_same_hints_rank_alike_whatever_their_wall_clocks():
         for driver, now in zip(drivers, seconds, strict=True):
             now[0] += 0.001 if driver is drivers[0] else 7.5  # skewed, uneven wall time
             _serve(driver, f"w{turn % 3}", turn % 4, {f"a{j}": (j - turn) % 4 for j in range(4)})
-    ranks = [
+    next_uses = [
         {
-            (w.workflow_id, a.agent_id): a.rank
+            (w.workflow_id, a.agent_id): a.next_use
             for w in d.cache.workflows.workflows()
             for a in w.agents.values()
         }
         for d in drivers
     ]
-    assert ranks[0] == ranks[1]
+    assert next_uses[0] == next_uses[1]
     assert drivers[0].allocator.freed == drivers[1].allocator.freed
 
 
@@ -123,18 +123,18 @@ def test_the_review_queue_stays_proportional_to_the_tracked_workflows():
     assert len(table) < 250  # the expired ones are gone, and so are their reviews at the next growth
 
 
-def test_a_hint_re_ranks_the_agents_it_names_and_leaves_the_others_where_they_were():
+def test_a_hint_moves_the_agents_it_names_and_leaves_the_others_where_they_were():
     table = WorkflowTable(ttl=3600, max_workflows=8)
     table.observe(WorkflowHint("w", "a", 4, {"b": 1, "c": 3}), [1, 2, 3, 4])
     table.observe(WorkflowHint("other", "x", 4, {}), [5, 6, 7, 8])
     workflow = table.get("w")
     b, c = workflow.agents["b"], workflow.agents["c"]
-    c_before = c.rank
+    c_before = c.next_use
     _, changed = table.observe(WorkflowHint("w", "b", 4, {"a": 2}), [1, 2, 3, 4])
-    # b (running) and a (restated) are re-ranked at the new step; c was not named: it stays
+    # b (running) and a (restated) are moved to the new step; c was not named: it stays
     assert set(changed) == {b, workflow.agents["a"]}
-    assert c.rank == c_before == (0, 1 + 3 * 1.0)
-    assert b.rank == (0, workflow.pace.last_step) and workflow.pace.last_step == 3
+    assert c.next_use == c_before == (0, 1 + 3 * 1.0)
+    assert b.next_use == (0, workflow.pace.last_step) and workflow.pace.last_step == 3
     _, changed = table.observe(WorkflowHint("w", "a", 4, {"c": 3}), [1, 2, 3, 4])
-    # restating the same steps re-ranks too: three hops are now counted from the latest step
-    assert c in changed and c.rank == (0, workflow.pace.expected_at(3)) and c.rank > c_before
+    # restating the same steps moves them too: three hops are now counted from the latest step
+    assert c in changed and c.next_use == (0, workflow.pace.expected_at(3)) and c.next_use > c_before

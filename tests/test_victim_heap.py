@@ -1,7 +1,7 @@
 """Device victims from one heap kept across evictions (kvflow.cache.victims, issue 12, part 3).
 
 - Same victims as SGLang's own per-eviction heap with the same strategy: seeded random runs of
-  hinted and un-hinted requests, re-ranks, lookups (touches), expiries and evictions through two
+  hinted and un-hinted requests, steps changes, lookups (touches), expiries and evictions through two
   :class:`CacheDriver` caches in lockstep, every freed slot and every hit compared, and the
   integrity check (heap invariant included) after every request.
 - Cost is counted, not timed: priorities computed per eviction at 10 and at 2000 leaves.
@@ -16,6 +16,7 @@ import random
 import pytest
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
+from kvflow.cache.lazy_heap import next_version
 from kvflow.cache.tree_core import WorkflowTreeCore
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
@@ -26,7 +27,7 @@ def _driver(incremental: bool, monkeypatch: pytest.MonkeyPatch, **kwargs) -> Cac
         if not incremental:  # the reference: SGLang's per-eviction heap over the same priorities
             patch.setattr(WorkflowTreeCore, "_victim_heap", lambda self: None)
         driver = CacheDriver(**kwargs)
-    assert (driver.cache.tree_core.kvflow_victims is not None) == incremental
+    assert (driver.cache.tree_core.ownership.victims is not None) == incremental
     return driver
 
 
@@ -51,7 +52,7 @@ def _lockstep(seed: int, page_size: int, urgency: str, monkeypatch: pytest.Monke
         elif roll < 0.7:  # a lookup: touches a path, so older heap entries fall below its priority
             probe = rng.choice(systems)[: rng.randint(2, 12)] + [1000 + rng.randrange(len(agents))] * 4
             hits = [d.cached_len(probe) for d in drivers]
-        elif roll < 0.8:  # a re-rank from outside a request
+        elif roll < 0.8:  # a steps change from outside a request
             steps = {agent: rng.randint(0, 9)}
             hits = [d.cache.set_steps(workflow, steps) for d in drivers]
         elif roll < 0.9:  # a big un-hinted request: evicts owned and un-owned nodes
@@ -80,7 +81,7 @@ def test_the_heap_kept_across_evictions_picks_the_victims_sglangs_heap_picks(see
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_the_same_victims_with_hop_ranks(seed, monkeypatch):
+def test_the_same_victims_with_hop_urgency(seed, monkeypatch):
     _lockstep(seed, 1, "hops", monkeypatch)
 
 
@@ -96,7 +97,7 @@ def _fan(leaves: int) -> CacheDriver:
 def _priorities_per_eviction(leaves: int, evictions: int = 50) -> tuple[float, float]:
     """Priorities computed per eviction: in a first batch after the build, then in a second."""
     driver = _fan(leaves)
-    victims = driver.cache.tree_core.kvflow_victims
+    victims = driver.cache.tree_core.ownership.victims
     computed, priority = [0], victims.priority
 
     def counted(node):
@@ -133,24 +134,25 @@ def test_an_eviction_computes_priorities_for_its_victims_not_for_every_leaf():
         ("lru", None, False),
     ],
 )
-def test_the_heap_is_kept_only_where_priorities_only_grow_between_rank_changes(policy, config, kept):
+def test_the_heap_is_kept_only_where_priorities_only_grow_between_next_use_changes(policy, config, kept):
     driver = CacheDriver(size=64, policy=policy, policy_config=config)
     for i in range(12):
         driver.serve(list(range(1, 9)) + [100 + i] * 8, WorkflowHint("wf", f"a{i % 4}", 12))
     tree = driver.cache.tree_core
-    assert (tree.kvflow_victims is not None) == kept
+    assert (tree.ownership.victims is not None) == kept
     assert sum(c["nodes"] for c in tree.kvflow_evictions["device"].values())  # it evicted either way
     driver.cache.check_integrity()
 
 
 def _corrupt_missing(victims, leaf):
-    victims.heap = [entry for entry in victims.heap if entry[1] is not leaf]
+    victims.heap = [entry for entry in victims.heap if entry[2] is not leaf]
     heapq.heapify(victims.heap)
 
 
 def _corrupt_above(victims, leaf):
-    leaf.kvflow_victim_key = (2, 0, 0, 0.0)
-    victims.heap.append((leaf.kvflow_victim_key, leaf))
+    state = leaf.kvflow
+    state.victim_key, state.victim_version = (2, 0, 0, 0.0), next_version()
+    victims.heap.append((state.victim_key, state.victim_version, leaf))
     heapq.heapify(victims.heap)
 
 
@@ -160,7 +162,7 @@ def _corrupt_above(victims, leaf):
 )
 def test_the_integrity_check_catches_a_broken_victim_heap(corrupt, message):
     driver = _fan(6)
-    victims = driver.cache.tree_core.kvflow_victims
+    victims = driver.cache.tree_core.ownership.victims
     driver.cache.check_integrity()
     corrupt(victims, next(iter(victims.leaves)))
     with pytest.raises(AssertionError, match=message):
@@ -169,10 +171,10 @@ def test_the_integrity_check_catches_a_broken_victim_heap(corrupt, message):
 
 def test_the_heap_is_rebuilt_so_it_stays_proportional_to_the_leaves():
     driver = _fan(50)
-    cache, victims = driver.cache, driver.cache.tree_core.kvflow_victims
+    cache, victims = driver.cache, driver.cache.tree_core.ownership.victims
     rng = random.Random(4)
     sizes = []
-    for _ in range(2000):  # re-ranks and touches, each pushing an entry
+    for _ in range(2000):  # steps changes and touches, each pushing an entry
         agent = rng.randrange(50)
         cache.set_steps(f"wf{agent // 64}", {f"a{agent % 64}": rng.randint(0, 99)})
         driver.cached_len(list(range(1, 9)) + [10 * (rng.randrange(50) + 1) + j for j in range(8)])

@@ -1,4 +1,4 @@
-"""The scheduler side: kvflow's radix cache and everything it ranks and loads by.
+"""The scheduler side: kvflow's radix cache and everything it evicts and loads by.
 
 Runs in SGLang's scheduler process (one per rank), on the scheduler thread:
 ``radix_cache`` (the cache class SGLang builds), ``workflow_table`` (what the

@@ -1,24 +1,20 @@
 """The workflow-aware eviction order, as an SGLang ``EvictionStrategy``.
 
-SGLang pops the smallest key first, from the current leaves (device or host
-tier alike). Nodes with no hinted owner below them come first, LRU among
-themselves; then owned nodes, the one whose most urgent owner is needed
-latest first (each node caches its owners' minimum rank, see
-:mod:`kvflow.cache.ownership`), with a tie-break among equal ranks that is
-LRU by default. Nothing is pinned. Without any hint every key is
-``(0, 0, 0, last_access_time)``, which orders exactly like SGLang's ``lru``.
+SGLang pops the smallest key first, from the current leaves (device or host tier alike):
 
-Parameters, set through SGLang's own ``--radix-eviction-policy-config``:
+- nodes with no hinted owner below them first, LRU among themselves; without any hint every key
+  is ``(0, 0, 0, last_access_time)``, which orders exactly like SGLang's ``lru``;
+- then owned nodes, the one whose subtree's ``next_use`` (``node.kvflow``, the most urgent
+  owner's, see :mod:`kvflow.cache.ownership`) is latest first, ties by ``tie_break``;
+- nothing is pinned.
 
-- ``urgency`` (``time``, the default, or ``hops``): what a rank is. ``time``
-  is the time an owner's steps put it at on the cache's logical clock, so
-  prompts of different workflows compare by when they are needed
-  (:mod:`kvflow.cache.urgency`); ``hops`` is the steps themselves (the
-  paper's rule), kept for comparison.
-- ``tie_break`` (``lru`` or ``mru``) among equal ranks. With ``hops``, equal
-  steps in concurrent workflows advancing in turn mean the workflow that moved
-  on more recently needs its prompt last, which ``mru`` evicts first; ``time``
-  already orders those by when they are needed, so ties are rare.
+Parameters, set through SGLang's own ``--radix-eviction-policy-config``: ``urgency`` (``time``,
+the default, or ``hops``), what an owner's ``next_use`` is: the time its steps put it at on the
+cache's logical clock, so prompts of different workflows compare by when they are needed
+(:mod:`kvflow.cache.urgency`), or the steps themselves (the paper's rule, kept for comparison);
+``tie_break`` (``lru`` or ``mru``) among equal ``next_use``. With ``hops``, equal steps in
+concurrent workflows advancing in turn mean the workflow that moved on more recently needs its
+prompt last, which ``mru`` evicts first; ``time`` orders those by when they are needed already.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ TIE_BREAKS = ("lru", "mru")
 
 
 class WorkflowAwareStrategy(EvictionStrategy):
-    """Un-owned first (LRU), then owned nodes by descending rank, ties by ``tie_break``."""
+    """Un-owned first (LRU), then owned nodes by descending ``next_use``, ties by ``tie_break``."""
 
     def __init__(self, tie_break: str = "lru", urgency: str = "time") -> None:
         for name, value, choices in (
@@ -53,18 +49,21 @@ class WorkflowAwareStrategy(EvictionStrategy):
                     f"{', '.join(choices)}, got {value!r}"
                 )
         self.tie_break = tie_break
-        self.urgency = urgency  # read by the cache: what an owner's rank means (kvflow.cache.urgency)
+        self.urgency = urgency  # read by the cache: what an owner's next_use means (kvflow.cache.urgency)
         self._tie_sign = 1 if tie_break == "lru" else -1
         # With LRU ties a node's priority only grows when SGLang touches it and otherwise changes
-        # only with its kvflow_min, so the tree core can keep one victim heap across evictions
+        # only with its next_use, so the tree core can keep one victim heap across evictions
         # (kvflow.cache.victims); an MRU tie falls when touched, so SGLang's per-eviction heap runs.
         self.incremental = tie_break == "lru"
 
     def get_priority(self, node: Any) -> tuple[int, int, float, float]:
-        rank = getattr(node, "kvflow_min", None)  # (over_budget, expected time), see AgentState.rank
-        if rank is None:
+        try:
+            next_use = node.kvflow.next_use  # (over_budget, expected time), see AgentState.next_use
+        except AttributeError:  # a node of another tree core: un-owned
+            next_use = None
+        if next_use is None:
             return (0, 0, 0, node.last_access_time)
-        over_budget, expected = rank
+        over_budget, expected = next_use
         return (1, -over_budget, -expected, self._tie_sign * node.last_access_time)
 
 

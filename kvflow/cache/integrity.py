@@ -47,27 +47,28 @@ def _name(agent: AgentState) -> str:
     return f"agent {agent.workflow_id}/{agent.agent_id}"
 
 
-def _owner_ranks(node: Any) -> list[Any]:
-    return [owner.rank for owner in node.kvflow_owners if owner.rank is not None]
+def _owner_next_uses(state: Any) -> list[Any]:
+    return [owner.next_use for owner in state.owners if owner.next_use is not None]
 
 
-def _expected_min(node: Any) -> Any:
-    # From the owners' ranks and the children's cached values directly, never through the
-    # per-child structure (so a broken structure is caught); every node is checked, so the
-    # children's values are verified too.
-    ranks = _owner_ranks(node)
-    ranks += [child.kvflow_min for child in node.children.values() if child.kvflow_min is not None]
-    return min(ranks, default=None)
+def _expected_next_use(node: Any) -> Any:
+    # From the owners and the children's cached values directly, never through the per-child
+    # structure (so a broken structure is caught); every node is checked, so the children's
+    # values are verified too.
+    values = _owner_next_uses(node.kvflow)
+    values += [child.kvflow.next_use for child in node.children.values() if child.kvflow.next_use is not None]
+    return min(values, default=None)
 
 
 def _check_child_structure(node: Any) -> None:
-    """``kvflow_own_min`` and the :class:`~kvflow.cache.ownership.ChildMins` agree with the tree."""
-    own = min(_owner_ranks(node), default=None)
-    assert node.kvflow_own_min == own, (
-        f"node {node.id}: kvflow_own_min {node.kvflow_own_min} != its owners' minimum {own}"
+    """``own_next_use`` and the :class:`~kvflow.cache.ownership.ChildMins` agree with the tree."""
+    state = node.kvflow
+    own = min(_owner_next_uses(state), default=None)
+    assert state.own_next_use == own, (
+        f"node {node.id}: own_next_use {state.own_next_use} != its owners' minimum {own}"
     )
-    valued = {id(child): child for child in node.children.values() if child.kvflow_min is not None}
-    structure = node.kvflow_children
+    valued = {id(child): child for child in node.children.values() if child.kvflow.next_use is not None}
+    structure = state.child_mins
     if structure is None:
         assert not valued, f"node {node.id}: children with a value but no per-child structure"
         return
@@ -77,24 +78,11 @@ def _check_child_structure(node: Any) -> None:
         f"{sorted(child.id for child in recorded)}, expected {sorted(c.id for c in valued.values())}"
     )
     for child, (value, _version) in recorded.items():
-        assert value == child.kvflow_min, (
+        assert value == child.kvflow.next_use, (
             f"node {node.id}: per-child structure has {value} for child {child.id}, "
-            f"whose kvflow_min is {child.kvflow_min}"
+            f"whose next_use is {child.kvflow.next_use}"
         )
-    live = structure.live_entries()
-    assert len(live) == len(recorded), (
-        f"node {node.id}: {len(live)} live heap entries for {len(recorded)} children"
-    )
-    for key, _version, child in live:
-        assert not recorded[child][0] < key, (
-            f"node {node.id}: child {child.id}'s heap key {key} is above its value {recorded[child][0]}"
-        )
-    heap = structure.heap
-    for i in range(1, len(heap)):
-        assert not heap[i] < heap[(i - 1) // 2], f"node {node.id}: per-child heap order broken at {i}"
-    assert len(heap) <= 2 * len(recorded) + 8, (
-        f"node {node.id}: per-child heap of {len(heap)} entries for {len(recorded)} children"
-    )
+    structure.check(f"node {node.id}'s per-child structure")
 
 
 def check_integrity(cache: WorkflowRadixCache) -> None:
@@ -106,20 +94,19 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
     but it holds with locks taken too (locked tokens count as protected); it
     skips itself while a streaming session holds KV.
 
-    kvflow's side: each node's cached ``kvflow_min`` is the minimum
-    ``AgentState.rank`` over the owners in its subtree (None if none has one;
-    the root, never evicted, is never refreshed, owns nothing and keeps no
-    per-child structure), recomputed from the owners and children directly;
-    each node's ``kvflow_own_min`` and per-child structure
-    (:class:`~kvflow.cache.ownership.ChildMins`: exactly the children with a
-    value, at their values, one live heap entry each keyed at most its value, heap-ordered,
-    compacted)
-    agree with the tree; owners and
-    ``agent.node`` point at each other; no agent owns two nodes; every owner is
-    an agent the workflow table still tracks, and every tracked agent's node is
-    in the tree; the victim heap, where the tree core keeps one, holds every
-    evictable device leaf at or below its priority
-    (:meth:`~kvflow.cache.victims.VictimHeap.check`).
+    kvflow's side (``node.kvflow``, see :mod:`kvflow.cache.ownership`): each
+    node's cached ``next_use`` is the minimum ``AgentState.next_use`` over the
+    owners in its subtree (None if none has one; the root, never evicted, is
+    never refreshed, owns nothing and keeps no per-child structure), recomputed
+    from the owners and children directly; each node's ``own_next_use`` and
+    per-child structure (exactly the children with a value, at their values)
+    agree with the tree; owners and ``agent.node`` point at each other; no
+    agent owns two nodes; every owner is an agent the workflow table still
+    tracks, and every tracked agent's node is in the tree. Each lazy-deletion
+    heap checks its own invariant: the per-child structures
+    (:meth:`~kvflow.cache.ownership.ChildMins.check`), the victim heap where the
+    tree core keeps one (:meth:`~kvflow.cache.victims.VictimHeap.check`) and the
+    workflow table's review heap (:meth:`~kvflow.cache.workflow_table.WorkflowTable.check`).
     """
     check_pool_accounting(cache)
     cache.sanity_check()
@@ -128,27 +115,28 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
 
 def check_ownership(cache: WorkflowRadixCache) -> None:
     """kvflow's own bookkeeping alone (see :func:`check_integrity`); what the server checks when idle."""
-    root = cache.tree_core.root_node
-    assert not root.kvflow_owners, f"the root has owners: {[_name(a) for a in root.kvflow_owners]}"
-    assert root.kvflow_children is None, "the root keeps a per-child structure"
+    tree = cache.tree_core
+    root = tree.root_node
+    assert not root.kvflow.owners, f"the root has owners: {[_name(a) for a in root.kvflow.owners]}"
+    assert root.kvflow.child_mins is None, "the root keeps a per-child structure"
     nodes = _tree_nodes(root)
     owners: list[Any] = []
     for node in nodes:
-        for owner in node.kvflow_owners:
+        for owner in node.kvflow.owners:
             assert owner.node is node, (
                 f"{_name(owner)} is listed on node {node.id} but points at another node"
             )
-        owners += node.kvflow_owners
+        owners += node.kvflow.owners
         if node is not root:
-            expected = _expected_min(node)
-            assert node.kvflow_min == expected, (
-                f"node {node.id}: kvflow_min {node.kvflow_min} != recomputed {expected}"
+            expected = _expected_next_use(node)
+            assert node.kvflow.next_use == expected, (
+                f"node {node.id}: next_use {node.kvflow.next_use} != recomputed {expected}"
             )
             _check_child_structure(node)
     assert len({id(owner) for owner in owners}) == len(owners), "an agent owns two nodes (or one twice)"
-    victims = cache.tree_core.kvflow_victims
-    if victims is not None:
-        victims.check(cache.tree_core.evictable_device_leaves)
+    if tree.ownership.victims is not None:
+        tree.ownership.victims.check(tree.evictable_device_leaves)
+    cache.workflows.check()
 
     in_tree = {id(node) for node in nodes}
     tracked = [agent for workflow in cache.workflows.workflows() for agent in workflow.agents.values()]
@@ -157,5 +145,5 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
     )
     for agent in tracked:
         if agent.node is not None:
-            assert agent in agent.node.kvflow_owners, f"{_name(agent)} points at a node that does not list it"
+            assert agent in agent.node.kvflow.owners, f"{_name(agent)} points at a node that does not list it"
             assert id(agent.node) in in_tree, f"{_name(agent)} owns a node removed from the tree"

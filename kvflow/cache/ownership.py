@@ -1,63 +1,42 @@
-"""Agent ownership of radix-tree nodes and the priority it gives them.
+"""Agent ownership of radix-tree nodes and the ``next_use`` it gives them.
 
-An agent owns the node where its fixed prompt ends. Each node caches
-``kvflow_min``: the minimum rank (``AgentState.rank``, an opaque comparable
-number; None means "no rank") over the owners in its subtree (None when no
-owner with a rank lives below it). The value changes only along the path from
-a node whose owners or owners' ranks changed up to the root, so
-:func:`refresh_upward` recomputes just that path and stops as soon as a node's
-value is unchanged: no whole-tree walk, and ownership itself is never copied to
-other nodes.
+An agent owns the node where its fixed prompt ends. Its ``AgentState.next_use`` is when its KV is
+next used (an opaque comparable key; None: unknown), and each node's ``node.kvflow``
+(:class:`~kvflow.cache.node_state.NodeState`) caches the minimum over the owners below it.
+:class:`Ownership`, one per tree core, keeps those values and tells the tree core's victim heap of
+every change. Invariants, for every node but the root (never evicted, never refreshed):
 
-Cost does not grow with a node's fan-out. Besides ``kvflow_min`` each node keeps
+- ``next_use == min(own_next_use, child_mins.min())``, None when no owner below has one;
+- ``own_next_use`` is the minimum over the node's own owners, ``child_mins`` (a :class:`ChildMins`,
+  None until a child first has a value) holds exactly the children with a ``next_use``, at it;
+- a change is propagated from the node up the path to the root and stops at the first unchanged
+  value, at O(log k) amortized per node of k children: no whole-tree walk, no sibling scan;
+- ``agent.node`` and the node's ``owners`` point at each other.
 
-- ``kvflow_own_min``: the minimum rank over its own owners (recomputed from
-  ``kvflow_owners`` only when they or their ranks change: a scan of that one
-  node's owners, not of its siblings), and
-- ``kvflow_children``: a :class:`ChildMins` over its children's ``kvflow_min``
-  (None until a child first has a value), so one child's change costs
-  O(log k) amortized for k children instead of a scan of all k.
-
-so ``kvflow_min == min(kvflow_own_min, kvflow_children.min())``. The root keeps
-neither (it is never evicted and its value is never read).
-
-The tree core must tell this module about every change of a node's children:
-:func:`init_node` for a new node (it has no value, so its parent's structure is
-unchanged), :func:`split` when a node is put between a child and its parent,
-and :func:`detach_removed_node` when a leaf is deleted. SGLang's Python core
-changes children nowhere else (inserts add nodes without a value; nodes are
-never re-parented except by a split).
-
-Each change of a node's ``kvflow_min`` is reported to the tree core's victim heap
-(:meth:`kvflow.cache.victims.VictimHeap.rank_changed`), which may have to move the node
-earlier. :func:`split` needs not: its new node was entered as a leaf (if it is one) before it
-had a value, at a lower priority than it has with one, which the heap allows.
+The tree core reports every change of a node's children: :meth:`Ownership.init_node` for a new
+node (no value, so its parent is unchanged), :meth:`Ownership.split` when a node is put between a
+child and its parent, :meth:`Ownership.detach_removed_node` when a leaf is deleted.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from itertools import count
 from typing import Any
 
+from kvflow.cache.lazy_heap import check_heap_order, needs_compaction, next_version
+from kvflow.cache.node_state import NodeState
 from kvflow.cache.victims import VictimHeap
 from kvflow.cache.workflow_table import AgentState
-
-_versions = count()
 
 
 class ChildMins:
     """The minimum of a node's children's values, O(log k) amortized per change.
 
-    A binary heap with lazy invalidation: ``values`` maps each child with a
-    value to ``(value, version)``, and the heap holds one live entry per child
-    (the one with its current version; versions are unique, so tuples never
-    compare the children themselves), keyed at most its value. A value that
-    falls is pushed under a new version; one that rises keeps its entry, which
-    is moved down to the current value when it reaches the top. Superseded entries are dropped
-    when they reach the top, and the heap is rebuilt from ``values`` once they
-    outnumber live ones, so its size stays O(live children).
+    A lazy-deletion heap (:mod:`kvflow.cache.lazy_heap`): ``values`` maps each child with a value
+    to ``(value, version)``, and the heap holds each child's current entry keyed at most its
+    value. A value that falls is pushed under a new version; one that rises keeps its entry, which
+    is moved down to the current value when it reaches the top.
     """
 
     __slots__ = ("heap", "values")
@@ -75,7 +54,7 @@ class ChildMins:
         if current is not None and not value < current[0]:
             self.values[child] = (value, current[1])  # its entry's key stays at most the value
             return
-        version = next(_versions)
+        version = next_version()
         self.values[child] = (value, version)
         heapq.heappush(self.heap, (value, version, child))
         self._maybe_compact()
@@ -99,24 +78,22 @@ class ChildMins:
         return None
 
     def _maybe_compact(self) -> None:
-        if len(self.heap) > 2 * len(self.values) + 8:
+        if needs_compaction(len(self.heap), len(self.values)):
             self.heap = [(value, version, child) for child, (value, version) in self.values.items()]
             heapq.heapify(self.heap)
 
-    def live_entries(self) -> list[tuple[Any, int, Any]]:
-        """The heap entries that are current (for the integrity check)."""
+    def check(self, what: str) -> None:
+        """Assert the invariant: one current entry per child, keyed at most its value, the heap
+        ordered and compacted (``what`` names the structure in the message)."""
         values = self.values
-        return [entry for entry in self.heap if values.get(entry[2], (None, None))[1] == entry[1]]
-
-
-def init_node(node: Any, victims: VictimHeap | None = None) -> None:
-    """Give a freshly created tree node its (empty) ownership fields; ``victims`` is told of
-    every change of its ``kvflow_min``."""
-    node.kvflow_owners = []
-    node.kvflow_min = None
-    node.kvflow_own_min = None
-    node.kvflow_children = None
-    node.kvflow_victims = victims
+        live = [entry for entry in self.heap if values.get(entry[2], (None, None))[1] == entry[1]]
+        assert len(live) == len(values), f"{what}: {len(live)} live heap entries for {len(values)} children"
+        for key, _version, child in live:
+            assert not values[child][0] < key, f"{what}: a child's heap key {key} is above its value"
+        check_heap_order(self.heap, what)
+        assert not needs_compaction(len(self.heap), len(values)), (
+            f"{what}: {len(self.heap)} heap entries for {len(values)} children"
+        )
 
 
 def _merge(a: Any, b: Any) -> Any:
@@ -127,119 +104,135 @@ def _merge(a: Any, b: Any) -> Any:
     return a if a <= b else b
 
 
-def owners_min(node: Any) -> Any:
-    """The minimum rank over ``node``'s own owners (None if none has one)."""
+def owners_next_use(state: NodeState) -> Any:
+    """The minimum ``next_use`` over a node's own owners (None if none has one)."""
     value = None
-    for owner in node.kvflow_owners:
-        value = _merge(value, owner.rank)
+    for owner in state.owners:
+        value = _merge(value, owner.next_use)
     return value
 
 
-def _set_child_value(parent: Any, child: Any, value: Any) -> None:
-    structure = parent.kvflow_children
+def _set_child_value(parent: NodeState, child: Any, value: Any) -> None:
+    structure = parent.child_mins
     if structure is None:
         if value is None:
             return
-        structure = parent.kvflow_children = ChildMins()
+        structure = parent.child_mins = ChildMins()
     structure.set(child, value)
 
 
-def _recompute(node: Any) -> Any | None:
-    """Recompute ``node``'s ``kvflow_min`` from its own minimum and children's structure; return
-    its parent if that changed the parent's structure (the parent must be recomputed), else None."""
-    children = node.kvflow_children
-    value = _merge(node.kvflow_own_min, None if children is None else children.min())
-    if value == node.kvflow_min:
-        return None
-    node.kvflow_min = value
-    if node.kvflow_victims is not None:
-        node.kvflow_victims.rank_changed(node)
-    parent = node.parent
-    if parent.parent is None:
-        return None
-    _set_child_value(parent, node, value)
-    return parent
+class Ownership:
+    """Which agent owns which node of one tree, and every node's ``next_use`` kept exact.
 
-
-def _propagate(node: Any | None) -> None:
-    """``node``'s own minimum or children's structure changed: recompute it and its ancestors,
-    stopping at the first unchanged value (the root is never refreshed)."""
-    while node is not None and node.parent is not None:
-        node = _recompute(node)
-
-
-def refresh_upward(node: Any) -> None:
-    """Re-read the ranks of ``node``'s owners and fix ``kvflow_min`` from there toward the root."""
-    refresh_many((node,))
-
-
-def refresh_many(nodes: Iterable[Any]) -> None:
-    """:func:`refresh_upward` for each of ``nodes``, each parent's propagation done once.
-
-    A workflow's step re-ranks all of its agents, whose nodes are often siblings (one shared
-    prompt above many agents'): each node is recomputed, then each parent whose structure
-    changed propagates once, instead of once per child.
+    ``victims`` is the tree core's :class:`~kvflow.cache.victims.VictimHeap` (None where it keeps
+    none), told of every change of a node's ``next_use``: it may have to move the node earlier.
+    A split needs not tell it: its new node entered as a leaf (if it is one) before it had a value,
+    at a lower priority than it has with one, which the heap allows.
     """
-    parents: dict[Any, None] = {}
-    for node in nodes:
-        if node is None or node.parent is None:
-            continue
-        node.kvflow_own_min = owners_min(node)
-        parent = _recompute(node)
-        if parent is not None:
-            parents[parent] = None
-    for parent in parents:
-        _propagate(parent)
 
+    __slots__ = ("victims",)
 
-def assign(agent: AgentState, node: Any) -> None:
-    """Make ``agent`` the owner of ``node``, releasing any node it owned before."""
-    if agent.node is node:
-        return
-    release(agent)
-    node.kvflow_owners.append(agent)
-    agent.node = node
-    refresh_upward(node)
-    if node.kvflow_victims is not None:
-        node.kvflow_victims.owner_assigned(node)
+    def __init__(self, victims: VictimHeap | None = None) -> None:
+        self.victims = victims
 
+    @staticmethod
+    def init_node(node: Any) -> None:
+        """Give a freshly created tree node its (empty) state."""
+        node.kvflow = NodeState()
 
-def release(agent: AgentState) -> None:
-    """Drop the agent's ownership (its workflow expired or its prompt moved)."""
-    node = agent.node
-    if node is None:
-        return
-    node.kvflow_owners.remove(agent)
-    agent.node = None
-    refresh_upward(node)
+    def _recompute(self, node: Any) -> Any | None:
+        """Recompute ``node``'s ``next_use`` from its own minimum and children's structure; return
+        its parent if that changed the parent's structure (the parent must be recomputed), else None."""
+        state = node.kvflow
+        children = state.child_mins
+        value = _merge(state.own_next_use, None if children is None else children.min())
+        if value == state.next_use:
+            return None
+        state.next_use = value
+        if self.victims is not None:
+            self.victims.next_use_changed(node)
+        parent = node.parent
+        if parent.parent is None:
+            return None
+        _set_child_value(parent.kvflow, node, value)
+        return parent
 
+    def _propagate(self, node: Any | None) -> None:
+        """``node``'s own minimum or children's structure changed: recompute it and its ancestors,
+        stopping at the first unchanged value (the root is never refreshed)."""
+        while node is not None and node.parent is not None:
+            node = self._recompute(node)
 
-def split(new_node: Any, child: Any) -> None:
-    """``new_node`` was just put between ``child`` and its old parent (a node split).
+    def refresh_upward(self, node: Any) -> None:
+        """Re-read the ``next_use`` of ``node``'s owners and fix the values from there to the root."""
+        self.refresh_many((node,))
 
-    The new node owns nothing and its subtree is the child's, so its value is the
-    child's; its parent's structure now holds it in the child's place.
-    """
-    value = child.kvflow_min
-    new_node.kvflow_min = value
-    if value is None:
-        return
-    _set_child_value(new_node, child, value)
-    parent = new_node.parent
-    if parent.parent is not None:
-        parent.kvflow_children.discard(child)
-        _set_child_value(parent, new_node, value)
+    def refresh_many(self, nodes: Iterable[Any]) -> None:
+        """:meth:`refresh_upward` for each of ``nodes``, each parent's propagation done once.
 
+        A workflow's step moves all of its agents, whose nodes are often siblings (one shared
+        prompt above many agents'): each node is recomputed, then each parent whose structure
+        changed propagates once, instead of once per child.
+        """
+        parents: dict[Any, None] = {}
+        for node in nodes:
+            if node is None or node.parent is None:
+                continue
+            node.kvflow.own_next_use = owners_next_use(node.kvflow)
+            parent = self._recompute(node)
+            if parent is not None:
+                parents[parent] = None
+        for parent in parents:
+            self._propagate(parent)
 
-def detach_removed_node(node: Any, parent: Any) -> None:
-    """Forget the owners of a node just deleted from the tree, then fix its ancestors."""
-    for agent in node.kvflow_owners:
+    def assign(self, agent: AgentState, node: Any) -> None:
+        """Make ``agent`` the owner of ``node``, releasing any node it owned before."""
+        if agent.node is node:
+            return
+        self.release(agent)
+        node.kvflow.owners.append(agent)
+        agent.node = node
+        self.refresh_upward(node)
+        if self.victims is not None:
+            self.victims.owner_assigned(node)
+
+    def release(self, agent: AgentState) -> None:
+        """Drop the agent's ownership (its workflow expired or its prompt moved)."""
+        node = agent.node
+        if node is None:
+            return
+        node.kvflow.owners.remove(agent)
         agent.node = None
-    node.kvflow_owners = []
-    node.kvflow_own_min = None
-    node.kvflow_children = None
-    if node.kvflow_min is not None:
-        node.kvflow_min = None
+        self.refresh_upward(node)
+
+    @staticmethod
+    def split(new_node: Any, child: Any) -> None:
+        """``new_node`` was just put between ``child`` and its old parent (a node split).
+
+        The new node owns nothing and its subtree is the child's, so its value is the
+        child's; its parent's structure now holds it in the child's place.
+        """
+        value = child.kvflow.next_use
+        new_state = new_node.kvflow
+        new_state.next_use = value
+        if value is None:
+            return
+        _set_child_value(new_state, child, value)
+        parent = new_node.parent
         if parent.parent is not None:
-            parent.kvflow_children.discard(node)
-            _propagate(parent)
+            parent.kvflow.child_mins.discard(child)
+            _set_child_value(parent.kvflow, new_node, value)
+
+    def detach_removed_node(self, node: Any, parent: Any) -> None:
+        """Forget the owners of a node just deleted from the tree, then fix its ancestors."""
+        state = node.kvflow
+        for agent in state.owners:
+            agent.node = None
+        state.owners = []
+        state.own_next_use = None
+        state.child_mins = None
+        if state.next_use is not None:
+            state.next_use = None
+            if parent.parent is not None:
+                parent.kvflow.child_mins.discard(node)
+                self._propagate(parent)

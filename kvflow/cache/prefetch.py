@@ -3,16 +3,16 @@
 Runs on the scheduler thread once per iteration (from the cache's
 ``check_hicache_events``). For every agent whose steps-to-execution is between
 1 and ``steps_limit`` and whose fixed prompt is backed up on the host but not
-on the device, nearest first (by ``AgentState.rank``: when it is expected to
+on the device, nearest first (by ``AgentState.next_use``: when it is expected to
 run), it issues SGLang's own ``load_back`` for that path, bounded by SGLang's
 free load slots and ``max_tokens`` in flight. A load is issued only if it will
 survive until use: room comes only from nodes needed later than the prompt
-(un-owned nodes and owned nodes ranked strictly farther; eviction order takes
+(un-owned nodes and owned nodes next used strictly later; eviction order takes
 those first, so evicting exactly the tokens they hold never reaches a nearer
 agent), and that room must also cover what the running requests may still
 decode and the waiting ones will prefill and decode (``reserved_tokens``), and
 what the requests of the due agents will allocate when they come (each one's
-``request_tokens``, whatever its rank: expected times of workflows that advance
+``request_tokens``, however near: expected times of workflows that advance
 alike nearly tie, so any of them may come first), plus the prompt of a nearer
 one not on the device (it will be loaded on demand first); otherwise the prompt
 waits. Until a load is
@@ -128,7 +128,7 @@ class Prefetcher:
                 self.counters.wasted += 1
                 del self.records[key]
             elif record.done and (record.agent.steps is None or record.agent.steps > self.steps_limit):
-                # Loaded, then the workflow moved on: nothing to undo, the node is ranked as usual.
+                # Loaded, then the workflow moved on: nothing to undo, the node is evicted as usual.
                 self.counters.dropped_stale += 1
                 del self.records[key]
 
@@ -140,7 +140,7 @@ class Prefetcher:
                 self.waiting.discard(key)
         if not any(self._loadable(agent) for agent in self.due.values()):
             return []
-        return sorted(self.due.values(), key=lambda a: a.rank)
+        return sorted(self.due.values(), key=lambda a: a.next_use)
 
     def _loadable(self, agent: AgentState) -> bool:
         """Due, its prompt on the host only, and no load of it issued yet."""
@@ -154,7 +154,7 @@ class Prefetcher:
         )
 
     def _issue(self) -> None:
-        # Agents come nearest first, and a farther one may take room only from KV ranked farther
+        # Agents come nearest first, and a farther one may take room only from KV next used later
         # still and after all the nearer ones need, so what did not fit for one does not fit for
         # any later one this pass.
         too_big = math.inf
@@ -171,7 +171,7 @@ class Prefetcher:
                 path = _evicted_path(agent.node)  # before making room, which may reach it
                 if self._pending_tokens() + tokens > self.max_tokens:
                     pass  # over the in-flight bound: it waits, not counted as lacking room
-                elif tokens >= too_big or not self._make_room(tokens, agent.rank, ahead):
+                elif tokens >= too_big or not self._make_room(tokens, agent.next_use, ahead):
                     too_big = min(tokens, too_big)
                     self._note_waiting(agent)
                 elif self._issue_load(agent, path, tokens):
@@ -201,10 +201,10 @@ class Prefetcher:
         self.cache.ready_to_load_host_cache()
         return True
 
-    def _make_room(self, tokens: int, rank: Any, ahead: float = 0.0) -> bool:
-        """Free ``tokens`` for a prompt ranked ``rank``, if that room outlasts the requests due.
+    def _make_room(self, tokens: int, next_use: Any, ahead: float = 0.0) -> bool:
+        """Free ``tokens`` for a prompt next used at ``next_use``, if that room outlasts the requests due.
 
-        Room counts free slots and device KV ranked farther than ``rank`` (eviction takes that
+        Room counts free slots and device KV next used later than ``next_use`` (eviction takes that
         first), and must cover the prompt plus ``reserved_tokens`` (what the running and waiting
         requests will still take) plus ``ahead`` (what the requests of the due agents will
         allocate): otherwise they would evict the loaded prompt again before its request comes.
@@ -213,7 +213,7 @@ class Prefetcher:
         allocator = self.cache.token_to_kv_pool_allocator
         available = allocator.available_size()
         needed = tokens + self.reserved_tokens + ahead - available
-        if needed > 0 and _evictable_farther_than(self.cache.tree_core.root_node, rank, needed) < needed:
+        if needed > 0 and _evictable_farther_than(self.cache.tree_core.root_node, next_use, needed) < needed:
             return False
         if available < tokens:
             self.cache.evict(EvictParams(num_tokens=tokens - available))
@@ -271,8 +271,8 @@ def _off_device_tokens(agent: AgentState) -> int:
     return sum(len(node.key) for node in _evicted_path(agent.node))
 
 
-def _evictable_farther_than(root: Any, rank: Any, needed: float = math.inf) -> int:
-    """Device tokens eviction may take before touching any owner ranked <= ``rank`` (``AgentState.rank``).
+def _evictable_farther_than(root: Any, next_use: Any, needed: float = math.inf) -> int:
+    """Device tokens eviction may take before touching any owner next used at or before ``next_use``.
 
     Qualifying nodes (no owner below, or every owner farther) form whole
     subtrees, and eviction order exhausts them first. The count stops as soon
@@ -286,7 +286,8 @@ def _evictable_farther_than(root: Any, rank: Any, needed: float = math.inf) -> i
         node = stack.pop()
         if node.component_data[ComponentType.FULL].value is None:
             continue
-        if node.kvflow_min is None or node.kvflow_min > rank:
+        node_next_use = node.kvflow.next_use
+        if node_next_use is None or node_next_use > next_use:
             total += _unlocked_device_tokens(node, needed - total)
         else:
             stack.extend(node.children.values())

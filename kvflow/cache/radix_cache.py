@@ -27,7 +27,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from kvflow import NAME
-from kvflow.cache import integrity, ownership
+from kvflow.cache import integrity
 from kvflow.cache.eviction import WorkflowAwareStrategy
 from kvflow.cache.prefetch import Prefetcher
 from kvflow.cache.request_state import request_state
@@ -163,7 +163,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
     # like the base class's: every tensor-parallel rank must make them alike (stamped_clock.py).
     @rank_consensus(
         same_params=["hint", "len(token_ids)"],
-        same_results=["None if result is None else (result.agent_id, result.rank)"],
+        same_results=["None if result is None else (result.agent_id, result.next_use)"],
     )
     def observe_hint(
         self,
@@ -172,27 +172,27 @@ class WorkflowRadixCache(UnifiedRadixCache):
         extra_key: str | None = None,
         cache_salt: str | None = None,
     ) -> AgentState | None:
-        """Apply one request's hint: merge steps, re-rank, and claim the agent's boundary."""
+        """Apply one request's hint: merge steps, refresh next uses, and claim the agent's boundary."""
         self._expire_workflows(room_for=len(hint.steps_to_execution) + 1)
         self.kvflow_hinted_requests += 1
         agent, changed = self.workflows.observe(hint, token_ids)
         if agent is not None:
             self.claim(agent, token_ids, extra_key, cache_salt, rebudget=False)
-        self._rerank(changed, self.workflows.get(hint.workflow_id))
+        self._refresh_next_use(changed, self.workflows.get(hint.workflow_id))
         return agent
 
     @rank_consensus(same_params=True, same_results=True)
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> bool:
         """Apply a steps view pushed by the server's workflow registry; False for an unknown workflow."""
         changed = self.workflows.set_steps(workflow_id, steps)
-        self._rerank(changed or [], self.workflows.get(workflow_id))
+        self._refresh_next_use(changed or [], self.workflows.get(workflow_id))
         return changed is not None
 
-    def _rerank(self, agents: list[AgentState], workflow: WorkflowState | None) -> None:
-        """Re-rank the nodes of agents whose steps changed, and re-apply their workflow's budget."""
+    def _refresh_next_use(self, agents: list[AgentState], workflow: WorkflowState | None) -> None:
+        """Refresh the nodes of agents whose next use changed, and re-apply their workflow's budget."""
         if workflow is not None:
             agents = [*agents, *self._apply_budget(workflow)]
-        ownership.refresh_many({agent.node: None for agent in agents})
+        self.tree_core.ownership.refresh_many({agent.node: None for agent in agents})
         if self.prefetcher is not None:
             self.prefetcher.watch(agents)
 
@@ -226,7 +226,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
     def agent_finished(self, agent: AgentState) -> None:
         """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""
         if self.workflows.finish(agent):
-            self._rerank([agent], self.workflows.get(agent.workflow_id))
+            self._refresh_next_use([agent], self.workflows.get(agent.workflow_id))
 
     def claim(
         self,
@@ -241,7 +241,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
         fixed = agent.fixed_prefix_len or 0
         length = fixed // self.page_size * self.page_size
         if length == 0:
-            ownership.release(agent)
+            self.tree_core.ownership.release(agent)
             return
         if len(token_ids) < fixed:
             return  # a shorter prompt than the agent's fixed one: it does not say where that ends
@@ -250,10 +250,10 @@ class WorkflowRadixCache(UnifiedRadixCache):
         node, actions = self.tree_core.find_boundary_node(key)
         self._apply_cache_actions(actions)
         if node is not None and node is not agent.node:
-            ownership.assign(agent, node)
+            self.tree_core.ownership.assign(agent, node)
             agent.node_tokens = length
             if rebudget:
-                self._rerank([], self.workflows.get(agent.workflow_id))
+                self._refresh_next_use([], self.workflows.get(agent.workflow_id))
 
     def reset(self) -> None:
         """SGLang's full reset (``/flush_cache``): the tree is rebuilt empty, so no agent owns a node
@@ -290,12 +290,11 @@ class WorkflowRadixCache(UnifiedRadixCache):
             self._forget(workflow)
         return [workflow.workflow_id for workflow in expired]
 
-    @staticmethod
-    def _forget(workflow: WorkflowState) -> None:
+    def _forget(self, workflow: WorkflowState) -> None:
         for agent in workflow.agents.values():
             agent.steps = None  # in-flight requests of this agent must not re-claim
             agent.over_budget = False
-            ownership.release(agent)
+            self.tree_core.ownership.release(agent)
 
     # ---- invariants and observability ----------------------------------------
 
@@ -374,7 +373,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
             "agents": {
                 agent.agent_id: {
                     "steps_to_execution": agent.steps,
-                    "rank": agent.rank,
+                    "next_use": agent.next_use,
                     "fixed_prefix_len": agent.fixed_prefix_len,
                     "over_budget": agent.over_budget,
                     "request_tokens": agent.request_tokens,

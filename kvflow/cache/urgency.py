@@ -6,13 +6,13 @@ three steps away in a fast one. So each workflow keeps its *pace*: the
 smoothed time between two of its consecutive hinted requests. An agent
 ``steps`` hops away is expected at ``last_step + steps * interval``, taken when
 its steps are set (a hint that does not name it leaves it there), and
-eviction ranks owned prompts by that expected time (latest first), so within
+eviction orders owned prompts by that expected time (latest first), so within
 one workflow the hint's order is kept and across workflows the one needed
 later goes first (Belady's rule on the estimate).
 
 Time is a *logical* clock: the number of hinted requests this cache admitted.
 Every tensor-parallel rank admits the same requests in the same order and an
-offline replay reproduces them, so every rank computes the same ranks; no wall
+offline replay reproduces them, so every rank computes the same next uses; no wall
 clock is read. A workflow seen once has no interval yet and takes the prior:
 the smoothed interval over every workflow (1 before any was measured).
 
@@ -23,10 +23,10 @@ reviewed: its step is now expected to last ``REVIEW_FACTOR`` times as long as
 it already has (``stretch``: the longer a wait, the longer it tends to go on),
 which moves all its agents later, and the next review comes when that runs
 out. A finished workflow's prompts thus fall behind the live ones' after a
-few reviews (each a re-rank of its agents, spaced geometrically), and a new
+few reviews (each moving its agents, spaced geometrically), and a new
 step of the workflow resets the stretch.
 
-With urgency ``hops`` the rank is the steps themselves (the paper's rule),
+With urgency ``hops`` the next use is the steps themselves (the paper's rule),
 kept for comparison; nothing is reviewed.
 """
 

@@ -1,38 +1,20 @@
 """Device eviction victims from one heap kept across evictions, not one built per eviction.
 
-SGLang's Full component builds a heap of every evictable device leaf's priority on each
-eviction (``FullComponent._evict_device_start``): O(leaves) per call however little it frees,
-and kvflow's priority costs more per leaf than LRU's float. :class:`VictimHeap` keeps the
-leaves in one heap instead, and :class:`WorkflowFullComponent` pops its victims from it.
+SGLang's Full component heaps every evictable device leaf on each eviction (O(leaves) per call);
+:class:`VictimHeap` keeps them in one lazy-deletion heap (:mod:`kvflow.cache.lazy_heap`, a node's
+current entry recorded in ``node.kvflow``) that :class:`WorkflowFullComponent` pops. It is used
+only where priorities grow between ``next_use`` changes (the kvflow policy with LRU ties, no
+session-aware caching); elsewhere SGLang's own heap runs. Invariant and why it holds:
 
-Invariant: every evictable device leaf's latest entry ``(key, node)`` is in the heap, with a key
-at most the node's current priority. It holds because
-
-- a node that becomes a leaf is pushed at its priority (:class:`EvictableLeaves`, the tree
-  core's leaf set, sees every node SGLang adds);
-- a node whose cached subtree minimum (``kvflow_min``) changes is pushed again if that
-  dropped its priority below its entry's key (:func:`kvflow.cache.ownership` calls
-  :meth:`VictimHeap.rank_changed`), and a leaf that gains an owner is pushed again at once
-  (:meth:`VictimHeap.owner_assigned`: a rise the invariant allows to defer, but not for every
-  leaf of a large tree at once);
-- the rest of the priority, ``last_access_time``, only grows (SGLang's global counter), and the
-  strategy declares (``incremental``) that a priority then only grows too (LRU ties), so a
-  touched leaf's latest entry stays at or below its new priority.
-
-So the first latest entry at the top whose node is a leaf at its current priority is a minimum
-over all leaves: exactly the victim SGLang's own heap would pop. A top entry whose node has a
-larger priority now is moved down to it (``heapreplace``); entries superseded by a later push
-(each node keeps its latest key, ``kvflow_victim_key``), of nodes no longer leaves, or of nodes
-taken by the eviction in progress are dropped when they reach the top, without computing a
-priority. Within one eviction a node is handed out once (as by SGLang's heap); one that is
-still a leaf when the eviction ends (its write-back failed) is pushed back. A push that leaves
-the heap with more than twice as many entries as there are leaves (plus a margin) compacts it to
-the latest entries of leaves (no priority computed), so its size stays O(leaves) and stale
-entries release their nodes; that costs O(leaves), once per as many pushes.
-
-The order is SGLang's only where priorities behave like that: the tree core uses this for the
-kvflow policy with LRU ties and without session-aware caching (whose priority also reads
-session references); otherwise :class:`WorkflowFullComponent` runs SGLang's own heap.
+- every evictable device leaf's current entry is in the heap, keyed at most its priority: a new
+  leaf is pushed (:class:`EvictableLeaves` sees every node SGLang adds), a leaf whose ``next_use``
+  change lowered its priority is pushed again (:meth:`VictimHeap.next_use_changed`), one that
+  gains an owner too (:meth:`VictimHeap.owner_assigned`), and ``last_access_time`` only grows;
+- so the first current entry at the top whose node is a leaf at that priority is the victim
+  SGLang's heap would pop (leaves' keys never tie: their access times differ); a top entry whose
+  priority rose is moved down, stale ones, non-leaves' and those taken by the eviction in progress
+  are dropped unevaluated;
+- within one eviction a node is handed out once; one still a leaf at its end is pushed back.
 """
 
 from __future__ import annotations
@@ -43,7 +25,7 @@ from typing import Any
 
 from sglang.srt.mem_cache.unified_cache.components.full import FullComponent
 
-REBUILD_MARGIN = 64
+from kvflow.cache.lazy_heap import check_heap_order, needs_compaction, next_version
 
 
 class EvictableLeaves(set):
@@ -72,19 +54,23 @@ class VictimHeap:
 
     def push(self, node: Any) -> None:
         """Enter ``node`` at its current priority."""
-        key = node.kvflow_victim_key = self.priority(node)
-        heapq.heappush(self.heap, (key, node))
-        if len(self.heap) > 2 * len(self.leaves) + REBUILD_MARGIN:
+        state = node.kvflow
+        key = state.victim_key = self.priority(node)
+        version = state.victim_version = next_version()
+        heapq.heappush(self.heap, (key, version, node))
+        if needs_compaction(len(self.heap), len(self.leaves)):
             leaves = self.leaves
             self.heap = [
-                entry for entry in self.heap if entry[0] is entry[1].kvflow_victim_key and entry[1] in leaves
+                entry
+                for entry in self.heap
+                if entry[1] == entry[2].kvflow.victim_version and entry[2] in leaves
             ]
             heapq.heapify(self.heap)
 
-    def rank_changed(self, node: Any) -> None:
-        """``node``'s ``kvflow_min`` changed: re-enter it if a leaf whose priority dropped below its
+    def next_use_changed(self, node: Any) -> None:
+        """``node``'s ``next_use`` changed: re-enter it if a leaf whose priority dropped below its
         entry's key (one that rose keeps its entry, moved down when it reaches the top)."""
-        if node in self.leaves and self.priority(node) < node.kvflow_victim_key:
+        if node in self.leaves and self.priority(node) < node.kvflow.victim_key:
             self.push(node)
 
     def owner_assigned(self, node: Any) -> None:
@@ -94,15 +80,16 @@ class VictimHeap:
         tree built without evictions would keep its un-owned key, and the first eviction would
         move all of them down (about 0.4 s at 10^5 leaves); one push per claim spreads that out.
         """
-        if node in self.leaves and self.priority(node) != node.kvflow_victim_key:
+        if node in self.leaves and self.priority(node) != node.kvflow.victim_key:
             self.push(node)
 
     def take(self) -> Any | None:
         """The leaf of smallest priority not handed out yet in this eviction (None if none)."""
         heap, leaves, taken, priority = self.heap, self.leaves, self.taken, self.priority
         while heap:
-            key, node = heap[0]
-            if key is not node.kvflow_victim_key or node not in leaves or node in taken:
+            key, version, node = heap[0]
+            state = node.kvflow
+            if version != state.victim_version or node not in leaves or node in taken:
                 heapq.heappop(heap)
                 continue
             current = priority(node)
@@ -110,8 +97,8 @@ class VictimHeap:
                 heapq.heappop(heap)
                 taken.add(node)
                 return node
-            node.kvflow_victim_key = current  # touched since its push: move it down
-            heapq.heapreplace(heap, (current, node))
+            state.victim_key = current  # touched since its push: move it down
+            heapq.heapreplace(heap, (current, version, node))
         return None
 
     def end_eviction(self) -> None:
@@ -125,13 +112,14 @@ class VictimHeap:
         """Assert the invariant (see the module docstring) for the tree core's ``leaves``."""
         assert leaves is self.leaves, "the tree core's evictable-leaf set is not the heap's"
         assert not self.taken, f"{len(self.taken)} victims still taken outside an eviction"
-        heap = self.heap
-        for i in range(1, len(heap)):
-            assert not heap[i] < heap[(i - 1) // 2], f"victim heap order broken at {i}"
-        latest = {id(node) for key, node in heap if key is node.kvflow_victim_key}
+        check_heap_order(self.heap, "victim heap")
+        current = {id(node): key for key, version, node in self.heap if version == node.kvflow.victim_version}
         for node in leaves:
-            assert id(node) in latest, f"evictable leaf {node.id} has no current victim heap entry"
-            key = node.kvflow_victim_key
+            assert id(node) in current, f"evictable leaf {node.id} has no current victim heap entry"
+            key = current[id(node)]
+            assert key == node.kvflow.victim_key, (
+                f"evictable leaf {node.id}: heap key {key} is not its recorded key"
+            )
             assert not self.priority(node) < key, (
                 f"evictable leaf {node.id}: heap key {key} above its priority {self.priority(node)}"
             )
@@ -139,10 +127,10 @@ class VictimHeap:
 
 class WorkflowFullComponent(FullComponent):
     """SGLang's Full component, taking device victims from the tree core's :class:`VictimHeap`
-    where it keeps one (``kvflow_victims``), else from SGLang's own per-eviction heap."""
+    where it keeps one (``ownership.victims``), else from SGLang's own per-eviction heap."""
 
     def _evict_device_start(self, request_cnt: int) -> None:
-        if self.tree_core.kvflow_victims is None:
+        if self.tree_core.ownership.victims is None:
             super()._evict_device_start(request_cnt)
             return
         self._evict_device_request_cnt = request_cnt
@@ -150,7 +138,7 @@ class WorkflowFullComponent(FullComponent):
     def _evict_device_next_node(
         self, tracker: dict, device_frees: dict, host_frees: dict, cache_actions: list
     ) -> int | None:
-        victims = self.tree_core.kvflow_victims
+        victims = self.tree_core.ownership.victims
         if victims is None:
             return super()._evict_device_next_node(tracker, device_frees, host_frees, cache_actions)
         if tracker[self.component_type] >= self._evict_device_request_cnt:
@@ -159,7 +147,7 @@ class WorkflowFullComponent(FullComponent):
         return None if node is None else node.id
 
     def _evict_device_end(self) -> None:
-        victims = self.tree_core.kvflow_victims
+        victims = self.tree_core.ownership.victims
         if victims is None:
             super()._evict_device_end()
             return

@@ -9,11 +9,13 @@ longer running: it becomes the farthest agent of its workflow (one more than
 the largest known value), as the agent that just finished is in a loop.
 A workflow not hinted for ``ttl`` seconds is forgotten (:meth:`expire`).
 
-Ranking: an agent's steps become the time it is expected at on the table's
+Next use: an agent's steps become the time it is expected at on the table's
 logical clock (:mod:`kvflow.cache.urgency`), fixed when they are set: a hint
-re-ranks the agents it names (a restated value is measured again from the
+moves the agents it names (a restated value is measured again from the
 workflow's latest step) and leaves the others where their last hint put them,
-so its cost does not grow with the agents it does not name.
+so its cost does not grow with the agents it does not name. Stalled workflows
+are found through a lazy-deletion heap of review times (:mod:`kvflow.cache.lazy_heap`):
+every tracked workflow has one current entry, due at its ``review_at``.
 
 Fixed-prompt boundary: ``fixed_prefix_len`` when the request gives it (the
 latest value wins). Otherwise it is inferred as the longest prefix the agent's
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvflow.cache.lazy_heap import check_heap_order, needs_compaction, next_version
 from kvflow.cache.urgency import LogicalClock, WorkflowPace, smoothed
 from kvflow.config import KVFlowConfig
 from kvflow.expiring_table import ExpiringTable, WhenFull
@@ -82,7 +85,7 @@ class AgentState:
     node: Any = None  # the radix-tree node where its fixed prompt ends, if resident
     node_tokens: int = 0  # the tokens from the root to ``node`` (set with it; a split keeps them)
     counters: InvocationCounters = field(default_factory=InvocationCounters)
-    over_budget: bool = False  # past its workflow's share of the pool (see ``rank``)
+    over_budget: bool = False  # past its workflow's share of the pool (see ``next_use``)
     # Tokens its requests took beyond the fixed prompt (the rest of the prompt and the output),
     # smoothed over its finished ones: what its next request is expected to allocate.
     request_tokens: float | None = None
@@ -106,10 +109,10 @@ class AgentState:
         self.expected_at = None if self._steps is None else self.pace.expected_at(self._steps)
 
     @property
-    def rank(self) -> tuple[int, float] | None:
-        """What eviction ranks this agent's prompt by, smaller kept longer: ``(over_budget, the
-        time its steps put it at)``, so an over-budget prompt ranks past every in-budget prompt of
-        any workflow; None when its steps are unknown."""
+    def next_use(self) -> tuple[int, float] | None:
+        """When its KV is next used, the key eviction orders its prompt by (smaller kept longer):
+        ``(over_budget, the time its steps put it at)``, so an over-budget prompt goes before every
+        in-budget prompt of any workflow; None when its steps are unknown."""
         if self.expected_at is None:
             return None
         return (int(self.over_budget), self.expected_at)
@@ -120,6 +123,7 @@ class WorkflowState:
     workflow_id: str
     pace: WorkflowPace
     agents: dict[str, AgentState] = field(default_factory=dict)
+    review_version: int = -1  # the version of its current review heap entry
 
     def agent(self, agent_id: str, create: bool = True) -> AgentState | None:
         """The agent's state, created on first sight if ``create`` (None past the per-workflow cap)."""
@@ -149,11 +153,10 @@ class WorkflowTable:
         urgency: str = "time",
     ) -> None:
         self.max_agents = max_agents  # over all workflows
-        # Ranks run on this logical clock; ``clock`` (seconds) only times the TTL.
+        # Next uses run on this logical clock; ``clock`` (seconds) only times the TTL.
         self.logical_clock = LogicalClock(urgency)
-        # (review_at, sequence, workflow), earliest first: stalled workflows to re-rank (urgency.py).
+        # (review_at, version, workflow), earliest first: stalled workflows to move (urgency.py).
         self._reviews: list[tuple[float, int, WorkflowState]] = []
-        self._review_sequence = 0
         self.agent_count = 0
         # Least recently hinted first. Cap rules: past max_workflows the oldest is dropped, and
         # expire() keeps dropping the oldest while max_agents would be exceeded (never refused).
@@ -185,12 +188,13 @@ class WorkflowTable:
     def observe(
         self, hint: WorkflowHint, prompt: Sequence[int]
     ) -> tuple[AgentState | None, list[AgentState]]:
-        """Apply a request's hint; return its agent and the agents whose steps or rank changed."""
+        """Apply a request's hint; return its agent and the agents whose steps or next use changed."""
         workflow = self._workflows.get(hint.workflow_id)
         if workflow is None:
             workflow = WorkflowState(hint.workflow_id, WorkflowPace(self.logical_clock))
         self._workflows.put(hint.workflow_id, workflow)
         workflow.pace.step()
+        workflow.review_version = -1  # its review time moved: its entry is stale until rescheduled
 
         # The requesting agent first: a full steps map must not crowd it out of the per-workflow cap.
         agent = self._agent(workflow, hint.agent_id)
@@ -205,16 +209,29 @@ class WorkflowTable:
         return agent, changed
 
     def _schedule_review(self, workflow: WorkflowState) -> None:
-        self._review_sequence += 1
-        heapq.heappush(self._reviews, (workflow.pace.review_at, self._review_sequence, workflow))
-        if len(self._reviews) > 2 * len(self._workflows) + 64:
-            # Entries of workflows that stepped since or were forgotten: keep each live one only.
+        version = workflow.review_version = next_version()
+        heapq.heappush(self._reviews, (workflow.pace.review_at, version, workflow))
+        if needs_compaction(len(self._reviews), len(self._workflows)):
             self._reviews = [entry for entry in self._reviews if self._live_review(entry)]
             heapq.heapify(self._reviews)
 
     def _live_review(self, entry: tuple[float, int, WorkflowState]) -> bool:
-        due, _, workflow = entry
-        return self._workflows.get(workflow.workflow_id) is workflow and workflow.pace.review_at == due
+        """Whether ``entry`` is its workflow's current one (not forgotten, nor stepped since)."""
+        _, version, workflow = entry
+        return version == workflow.review_version and self._workflows.get(workflow.workflow_id) is workflow
+
+    def check(self) -> None:
+        """Assert the review heap's invariant: heap-ordered, and with urgency ``time`` every tracked
+        workflow's current entry in it, due at its ``review_at``."""
+        check_heap_order(self._reviews, "review heap")
+        if self.logical_clock.mode != "time":
+            return
+        current = {id(entry[2]): entry[0] for entry in self._reviews if self._live_review(entry)}
+        for workflow in self._workflows.values():
+            due, review_at = current.get(id(workflow)), workflow.pace.review_at
+            assert due == review_at, (
+                f"workflow {workflow.workflow_id}: review entry due {due}, not {review_at}"
+            )
 
     def _review_stalled(self) -> list[AgentState]:
         """Stretch the workflows whose step is past its review time; return their agents."""
@@ -248,14 +265,14 @@ class WorkflowTable:
 
     def _merge_steps(self, workflow: WorkflowState, steps: dict[str, int]) -> list[AgentState]:
         """Set each named agent's steps (a restated value is anchored again, at the workflow's
-        latest step); return the agents whose steps or rank changed."""
+        latest step); return the agents whose steps or next use changed."""
         changed = []
         for agent_id, value in steps.items():
             agent = self._agent(workflow, agent_id)
             if agent is not None:
-                before = agent.steps, agent.rank
+                before = agent.steps, agent.next_use
                 agent.steps = value
-                if (agent.steps, agent.rank) != before:
+                if (agent.steps, agent.next_use) != before:
                     changed.append(agent)
         return changed
 
