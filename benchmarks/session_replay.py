@@ -39,11 +39,11 @@ RESULTS = Path(__file__).parent / "results"
 
 # Trace variants: generator parameters over the scale's defaults.
 TRACES: dict[str, dict] = {
-    "base": dict(tool_sigma=1.0),
-    "heavy_tail": dict(tool_sigma=2.0),
-    "subagents": dict(tool_sigma=1.0, subagent_share=0.4),
-    "abandoned": dict(tool_sigma=1.0, ended_share=0.5),
-    "mixed": dict(tool_sigma=1.5, subagent_share=0.3, ended_share=0.6),
+    "base": dict(tool_sigma=0.5),
+    "heavy_tail": dict(tool_sigma=1.5),
+    "subagents": dict(tool_sigma=0.5, subagent_share=0.4),
+    "abandoned": dict(tool_sigma=0.5, ended_share=0.5),
+    "mixed": dict(tool_sigma=1.0, subagent_share=0.3, ended_share=0.6),
 }
 
 
