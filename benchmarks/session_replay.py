@@ -47,6 +47,19 @@ TRACES: dict[str, dict] = {
 }
 
 
+LEGEND = """\
+- Real caches (CacheDriver): `lru` `lfu` `slru` `tlru` (default config) `priority` (every request
+  priority 0), `tlru_budget` (tlru, threshold max_context/8, next prompt = mean tool result),
+  `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (today's
+  hint: fixed prefix = system prompt).
+- Trie references: `belady` (farthest next use), `online_mean_gap` (last request + known mean gap;
+  overdue keep that estimate: the issue's reference), `online_overdue` (overdue: expected after as
+  long again as waited; not the issue's reference), `ttl_pin` (Continuum-style TTL by reload cost,
+  then LRU), `lru_cut` (LRU evicting only the tokens needed). References cut their last victim to the
+  tokens needed; the real caches evict whole nodes.\
+"""
+
+
 def _hint(turn: SessionTurn) -> WorkflowHint:
     """Today's kvflow hint: the session is the agent, its system prompt the fixed prefix; a
     sub-agent's requests say its parent runs next."""
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"## {stem}\n\n{report['machine']}, commit {report['commit']}, {report['date']}\n\n`{command}`\n\n"
         "History tokens recomputed (ratio to online_mean_gap / to belady); pool in tokens "
-        "after each trace.\n\n"
+        "after each trace.\n\n" + LEGEND + "\n\n"
     )
     (args.out_dir / f"{stem}.md").write_text(header + table + "\n")
     print(header + table)
