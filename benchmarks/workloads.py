@@ -10,6 +10,7 @@ left out of the measurements.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -360,4 +361,215 @@ WORKLOADS = {
     "realistic": realistic,
     "cyclic-loop": cyclic_loop,
     "timed": timed,
+}
+
+
+@dataclass(frozen=True)
+class SessionTurn:
+    """One request of an agent session.
+
+    Turn ``k > 0`` asks with turn ``k - 1``'s prompt + output + a tool result (exact prefix growth,
+    as SGLang inserts prompt + output), so its first ``history_len`` tokens are history.
+    """
+
+    session_id: str
+    workflow_id: str  # the top-level session: it and its sub-agents
+    turn: int
+    start: float  # arrival, seconds
+    end: float  # generation done: the tool, the sub-agents or the client take over
+    input_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    system_len: int  # the agent's system prompt, the fixed prefix
+    history_len: int  # the previous turn's prompt + output (0 on a first turn)
+    last: bool = False  # the client ends the session after this turn
+    parent: str | None = None
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.input_ids + self.output_ids
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the generator decided for one session (an agent)."""
+
+    tool_mean_s: float  # the mean of its tool pauses
+    ended: bool  # its last turn carries the client's end marker (else it is abandoned)
+    parent: str | None = None
+    subagents: int = 0
+
+
+@dataclass
+class AgentTrace:
+    """Agent sessions in time order (``turns`` sorted by start)."""
+
+    name: str
+    turns: list[SessionTurn]
+    sessions: dict[str, SessionInfo]
+    params: dict = field(default_factory=dict)
+
+    def context_tokens(self) -> int:
+        """Distinct tokens of every session's final context (system prompts counted once)."""
+        final: dict[str, SessionTurn] = {t.session_id: t for t in self.turns}
+        return len(set().union(*(t.tokens for t in final.values())))
+
+    def history_tokens(self) -> int:
+        return sum(t.history_len for t in self.turns)
+
+    def mean_gaps(self) -> dict[str, float]:
+        """Each session's mean time between the starts of its requests (inf with one request)."""
+        starts: dict[str, list[float]] = {}
+        for t in self.turns:
+            starts.setdefault(t.session_id, []).append(t.start)
+        return {s: (v[-1] - v[0]) / (len(v) - 1) if len(v) > 1 else float("inf") for s, v in starts.items()}
+
+
+@dataclass
+class _SessionGen:
+    """Shared state of one :func:`agent_sessions` run."""
+
+    rng: random.Random
+    systems: dict[str, tuple[int, ...]]
+    tool_mean_s: tuple[float, float]
+    tool_sigma: float
+    decode_s_per_token: float
+    output_share: float
+    task_len: tuple[int, int]
+    turns: list[SessionTurn] = field(default_factory=list)
+    sessions: dict[str, SessionInfo] = field(default_factory=dict)
+    next_token: int = 1
+
+    def fresh(self, n: int) -> tuple[int, ...]:
+        """``n`` tokens never used before, so only system prompts are shared between contexts."""
+        self.next_token += n
+        return tuple(range(self.next_token - n, self.next_token))
+
+    def pause(self, mean: float) -> float:
+        """A lognormal tool pause of mean ``mean``: heavy-tailed for a large ``tool_sigma``."""
+        sigma = self.tool_sigma
+        return self.rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+
+    def session(
+        self,
+        sid: str,
+        workflow_id: str,
+        system: str,
+        start: float,
+        turns: int,
+        context: int,
+        ended: bool,
+        parent: str | None = None,
+        spawn: tuple[int, int, tuple[int, int], int] | None = None,
+    ) -> float:
+        """Emit one session's turns from ``start``; return when its last turn ends.
+
+        ``spawn`` (turn, children, their turn range, their context) makes the session a parent:
+        after that turn it waits for sub-agents that run at once, then resumes.
+        """
+        rng = self.rng
+        lo, hi = self.tool_mean_s
+        mean = lo * (hi / lo) ** rng.random()  # per agent, log-uniform: hi / lo apart
+        children = spawn[1] if spawn else 0
+        self.sessions[sid] = SessionInfo(mean, ended, parent, children)
+        prompt = self.systems[system] + self.fresh(rng.randint(*self.task_len))
+        growth = max(1.0, (context - len(prompt)) / turns)
+        t, history = start, 0
+        for k in range(turns):
+            output = self.fresh(max(1, round(growth * self.output_share * rng.uniform(0.5, 1.5))))
+            end = t + len(output) * self.decode_s_per_token
+            last = k == turns - 1
+            self.turns.append(
+                SessionTurn(
+                    sid, workflow_id, k, t, end, prompt, output, len(self.systems[system]),
+                    history, last and ended, parent,
+                )
+            )  # fmt: skip
+            if last:
+                return end
+            history = len(prompt) + len(output)
+            result = self.fresh(max(1, round(growth * (1 - self.output_share) * rng.uniform(0.5, 1.5))))
+            if spawn and k == spawn[0]:
+                done = [
+                    self.session(
+                        f"{sid}.sub{c}", workflow_id, f"sub{c % 2}", end + rng.uniform(0, 1),
+                        rng.randint(*spawn[2]), spawn[3], True, parent=sid,
+                    )
+                    for c in range(spawn[1])
+                ]  # fmt: skip
+                t = max(done) + rng.uniform(0, 1)
+            else:
+                t = end + self.pause(mean)
+            prompt = prompt + output + result
+        return t
+
+
+def agent_sessions(
+    sessions: int = 32,
+    turns: tuple[int, int] = (10, 30),
+    system_len: int = 160,
+    task_len: tuple[int, int] = (20, 60),
+    max_context: int = 3000,
+    agent_types: int = 4,
+    tool_mean_s: tuple[float, float] = (2.0, 20.0),
+    tool_sigma: float = 1.0,
+    decode_s_per_token: float = 0.02,
+    output_share: float = 0.3,
+    start_window_s: float = 60.0,
+    subagent_share: float = 0.0,
+    subagents: tuple[int, int] = (1, 3),
+    subagent_turns: tuple[int, int] = (3, 8),
+    ended_share: float = 1.0,
+    seed: int = 0,
+    name: str | None = None,
+) -> AgentTrace:
+    """Multi-turn tool-calling agents, one per session, in time order (deterministic by ``seed``).
+
+    - ``sessions`` top-level sessions start within ``start_window_s``, each running ``turns``
+      turns (inclusive range); its agent type picks one of ``agent_types`` system prompts of
+      ``system_len`` tokens, followed by a task of ``task_len`` tokens.
+    - Every turn appends an output and a tool result (``output_share`` of the growth is output),
+      so a context grows from about ``system_len + task_len`` to between 0.6 and 1.0 of
+      ``max_context``; a turn takes ``decode_s_per_token`` per output token.
+    - Tool pauses are lognormal with shape ``tool_sigma`` (heavy-tailed when large) and a mean per
+      agent drawn log-uniformly from ``tool_mean_s`` (10x apart by default).
+    - ``subagent_share`` of the sessions spawn ``subagents`` sub-agent sessions (own system
+      prompts, ``subagent_turns`` turns, contexts up to a third of ``max_context``) in the middle
+      of their run and resume when all of them are done; sub-agents end with the end marker.
+    - ``ended_share`` of the top-level sessions end with the client's end marker on their last
+      turn; the rest are abandoned (they stop without a word).
+
+    :data:`AGENT_SESSION_SCALES` has the CPU defaults and a GPU-scale set.
+    """
+    rng = random.Random(seed)
+    gen = _SessionGen(rng, {}, tool_mean_s, tool_sigma, decode_s_per_token, output_share, task_len)
+    gen.systems = {f"type{a}": gen.fresh(system_len) for a in range(agent_types)}
+    gen.systems.update({f"sub{c}": gen.fresh(system_len) for c in range(2)})
+    for s in range(sessions):
+        spawn = None
+        count = rng.randint(*turns)
+        if rng.random() < subagent_share:
+            spawn = (
+                rng.randint(count // 3, 2 * count // 3),
+                rng.randint(*subagents),
+                subagent_turns,
+                max_context // 3,
+            )
+        gen.session(
+            f"s{s}", f"wf{s}", f"type{s % agent_types}", rng.uniform(0, start_window_s), count,
+            round(max_context * rng.uniform(0.6, 1.0)), rng.random() < ended_share, spawn=spawn,
+        )  # fmt: skip
+    params = dict(
+        sessions=sessions, turns=list(turns), system_len=system_len, max_context=max_context,
+        tool_mean_s=list(tool_mean_s), tool_sigma=tool_sigma, subagent_share=subagent_share,
+        ended_share=ended_share, seed=seed,
+    )  # fmt: skip
+    order = sorted(range(len(gen.turns)), key=lambda i: (gen.turns[i].start, i))
+    return AgentTrace(
+        name or f"agent-sessions-{sessions}", [gen.turns[i] for i in order], gen.sessions, params
+    )
+
+
+AGENT_SESSION_SCALES = {
+    "cpu": dict(sessions=32, system_len=160, task_len=(20, 60), max_context=3000),
+    "gpu": dict(sessions=64, system_len=1600, task_len=(200, 600), max_context=32000, start_window_s=120.0),
 }

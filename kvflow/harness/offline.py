@@ -12,6 +12,7 @@ rest of its ``check_integrity()``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from sglang.srt.mem_cache.allocator import (
@@ -59,6 +60,7 @@ class CacheDriver:
     policy_config: dict | None = None
     page_size: int = 1
     check_every: int = 1
+    session_radix: bool = False  # SGLang's --enable-session-radix-cache
     allocator: BaseTokenToKVPoolAllocator = field(init=False)
     cache: UnifiedRadixCache = field(init=False)
     served: int = field(init=False, default=0)
@@ -81,6 +83,7 @@ class CacheDriver:
             eviction_policy_config=self.policy_config,
             tree_components=(ComponentType.FULL,),
             tree_core_backend="python",
+            enable_session_radix_cache=self.session_radix,
         )
         self.cache = self.cache_class(params)
 
@@ -97,14 +100,21 @@ class CacheDriver:
         self.check_accounting()
         return hit
 
-    def serve(self, tokens: list[int], hint: WorkflowHint | None = None) -> int:
+    def serve(
+        self, tokens: list[int], hint: WorkflowHint | None = None, session_id: str | None = None
+    ) -> int:
         """Process one request; return how many of its tokens were already cached.
 
         Like the scheduler, it allocates whole pages and inserts only the
         prompt's full pages; the slots of a trailing partial page are freed.
+        With ``session_radix``, a ``session_id`` tags the inserted path as the
+        scheduler does for a finished request of that session.
         """
         cache, page = self.cache, self.page_size
         agent = cache.observe_hint(hint, tokens) if hint is not None else None
+        generation = (
+            cache.ensure_session_generation(session_id) if self.session_radix and session_id else None
+        )
         match = cache.match_prefix(MatchPrefixParams(key=RadixKey(list(tokens))))
         hit = match.device_prefix_len
         prefix = cache.path_device_indices(match.last_device_node)[:hit]
@@ -116,13 +126,17 @@ class CacheDriver:
         assert new is not None, "pool exhausted"
         cache.unlock(lock)
         aligned = len(tokens) // page * page
-        cache.insert(
+        inserted = cache.insert(
             InsertParams(
                 key=RadixKey(list(tokens[:aligned])),
                 value=torch.cat([prefix, new[: aligned - hit]]),
                 prev_prefix_len=hit,
+                session_id=session_id,
             )
         )
+        if generation is not None:
+            req = SimpleNamespace(session_id=session_id, session=None, session_generation=generation)
+            cache.session_refs.register_session_ref(req, leaf=inserted.last_device_node)
         if aligned < len(tokens):
             self.allocator.free(new[aligned - hit :])
         if agent is not None:
@@ -132,3 +146,7 @@ class CacheDriver:
         if self.served % self.check_every == 0:
             self.check_accounting()
         return hit
+
+    def close_session(self, session_id: str) -> None:
+        """The client closed the session (``/close_session``): its KV loses its session reference."""
+        self.cache.release_radix_session(session_id)
