@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -27,10 +26,10 @@ from pathlib import Path
 
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from benchmarks.compare import machine
 from benchmarks.context_sim import REFERENCES, simulate
 from benchmarks.workloads import AGENT_SESSION_SCALES, AgentTrace, SessionTurn, agent_sessions
 from kvflow.harness.offline import CacheDriver
+from kvflow.harness.provenance import write_result
 from kvflow.hints import WorkflowHint
 
 STOCK = ("lru", "lfu", "slru", "tlru", "tlru_budget", "priority")
@@ -181,15 +180,6 @@ def _fmt(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,15 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.name or f"{args.scale}-agent-sessions"
     command = "python -m benchmarks.session_replay " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
-        "machine": machine(),
-        "commit": commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "duration_s": round(time.time() - started, 1),
         "results": results,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    report = write_result(args.out_dir / f"{stem}.json", report)
     table = markdown(results, rows)
     header = (
         f"## {stem}\n\n{report['machine']}, commit {report['commit']}, {report['date']}\n\n`{command}`\n\n"
