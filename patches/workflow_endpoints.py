@@ -16,7 +16,7 @@ Targets:
   ``"kvflow:" + JSON`` (the map's values must be numbers, its keys may be any
   string); the hook pops them before SGLang validates the rest and applies
   them to the cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
-  ``WorkflowRadixCache.end_workflow``), ``steps`` (a moved frontier: after a
+  ``WorkflowCache.end_workflow``), ``steps`` (a moved frontier: after a
   ``PATCH``, and after each response of a registered or learned workflow) and
   ``clock`` (expire stale workflows). Every command carries the HTTP process's time (``at``), the only
   time the cache reads (:mod:`kvflow.cache.stamped_clock`); the app's lifespan
@@ -39,6 +39,7 @@ from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvflow import NAME, WORKFLOWS_ROUTE
+from kvflow.cache.radix_cache import workflow_cache
 from kvflow.config import KVFlowConfig
 from kvflow.frontend.graph_learning import GraphLearner
 from kvflow.frontend.registry import RegistryError, WorkflowRegistry, activate, active_registry
@@ -62,19 +63,17 @@ def encode_command(command: dict[str, Any]) -> str:
 
 
 def _apply_command(cache: Any, key: str) -> bool:
+    core = workflow_cache(cache)
     try:
         command = json.loads(key[len(COMMAND_PREFIX) :])
-        advance_clock = getattr(cache, "advance_clock", None)
-        if advance_clock is not None:
-            advance_clock(read_stamp(command.get("at")))
+        if core is not None:
+            core.advance_clock(read_stamp(command.get("at")))
         if command["op"] == "clock":
-            return advance_clock is not None
+            return core is not None
         if command["op"] == "end":
-            end_workflow = getattr(cache, "end_workflow", None)
-            return end_workflow is not None and end_workflow(command["workflow_id"])
+            return core is not None and core.end_workflow(command["workflow_id"])
         if command["op"] == "steps":
-            set_steps = getattr(cache, "set_steps", None)
-            return set_steps is not None and set_steps(command["workflow_id"], command["steps"])
+            return core is not None and core.set_steps(command["workflow_id"], command["steps"])
     except (ValueError, KeyError, TypeError) as error:
         logger.warning("ignoring malformed kvflow command %r: %s", key, error)
     return False

@@ -151,7 +151,7 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
         victims.check(cache.tree_core.evictable_device_leaves)
 
     in_tree = {id(node) for node in nodes}
-    tracked = [agent for workflow in cache.workflows.workflows() for agent in workflow.agents.values()]
+    tracked = [agent for workflow in cache.kvflow.workflows.workflows() for agent in workflow.agents.values()]
     assert {id(owner) for owner in owners} <= {id(agent) for agent in tracked}, (
         "a node is owned by an agent the workflow table no longer tracks"
     )
