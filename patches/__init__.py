@@ -72,7 +72,7 @@ SGLANG_INTERNALS = (
             "evict",
         )
     ),
-    # ... and called by it and the prefetcher (kvflow.cache.prefetch).
+    # ... and called by its core (kvflow.cache.workflow_cache) and the prefetcher (kvflow.cache.prefetch).
     f"{_CACHE}._apply_cache_actions",
     f"{_CACHE}.load_back",
     f"{_CACHE}.has_free_load_back_slot",
