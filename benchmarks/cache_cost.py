@@ -62,7 +62,7 @@ from sglang.srt.mem_cache.unified_cache.tree_core_registry import resolve_tree_c
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow.cache.eviction import POLICY_NAME, register_eviction_policy
-from kvflow.cache.radix_cache import WorkflowRadixCache
+from kvflow.cache.radix_cache import WorkflowRadixCache, workflow_cache
 from kvflow.cache.tree_core import register_tree_core
 from kvflow.config import CONFIG_ENV, KVFlowConfig
 from kvflow.harness.provenance import provenance, write_result
@@ -141,12 +141,13 @@ class Subject:
                 self.cache: UnifiedRadixCache = WorkflowRadixCache(params)
         else:
             self.cache = UnifiedRadixCache(params)
+        self.core = workflow_cache(self.cache)  # kvflow's core; None for a stock cache
         self.times: dict[str, list[int]] = {op: [] for op in (*OPS, "hint")}
 
     def request(self, agent: int, tail: list[int] | None) -> None:
         """One request of ``agent``: its prompt plus ``tail`` (None: the prompt alone, as in the build)."""
-        cache, prompt = self.cache, self.shape.prompt(agent)
-        state = cache.observe_hint(self.shape.hint(agent, prompt), prompt) if self.hinted else None
+        cache, core, prompt = self.cache, self.core, self.shape.prompt(agent)
+        state = core.observe_hint(self.shape.hint(agent, prompt), prompt) if core is not None else None
         tokens = prompt if tail is None else prompt + array("q", tail)
         match = cache.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
         hit = match.device_prefix_len
@@ -160,8 +161,8 @@ class Subject:
         cache.unlock(lock)
         cache.insert(InsertParams(key=RadixKey(tokens), value=torch.cat([prefix, new]), prev_prefix_len=hit))
         if state is not None:
-            cache.claim(state, tokens)
-            cache.agent_finished(state)
+            core.claim(state, tokens)
+            core.agent_finished(state)
 
     def timed(self, op: str, fn: Callable[[], Any]) -> None:
         start = time.perf_counter_ns()
@@ -280,9 +281,9 @@ def run_case(shape_name: str, agents: int, ops: int, with_rust: bool) -> dict[st
         agent = (i * 104729) % agents
         prompt = kvflow.shape.prompt(agent)
         hint = kvflow.shape.hint(agent, prompt)
-        kvflow.timed("hint", lambda hint=hint, prompt=prompt: kvflow.cache.observe_hint(hint, prompt))
+        kvflow.timed("hint", lambda hint=hint, prompt=prompt: kvflow.core.observe_hint(hint, prompt))
     gc.enable()
-    kvflow.cache.check_integrity()
+    kvflow.core.check_integrity()
 
     result: dict[str, Any] = {"shape": shape_name, "agents": agents, "build_s": build_s, "ops": {}}
     for op in (*OPS, "hint"):

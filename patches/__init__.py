@@ -90,7 +90,8 @@ SGLANG_INTERNALS = (
         "on_release",
         "evict",
     ),
-    # ... and called or read by it, the prefetcher (kvflow.cache.prefetch) and the integrity checks.
+    # ... and called or read by its core (kvflow.cache.workflow_cache), the prefetcher
+    # (kvflow.cache.prefetch) and the integrity checks.
     *_on(
         _CACHE,
         "_apply_cache_actions",

@@ -12,7 +12,7 @@ Targets (AFTER hooks in the scheduler process):
 - ``SchedulerMetricsCollector.log_stats``: where SGLang pushes its scheduler gauges
   (after each logged prefill batch, every ``--decode-log-interval`` decode steps,
   and when idle at most every 30 s); the kvflow series are brought up to date there
-  from the cache's ``kvflow_stats()`` summary, the one ``GET /kvflow/stats`` answers.
+  from the kvflow core's ``stats()`` summary, the one ``GET /kvflow/stats`` answers.
 
 The series are made with SGLang's metric classes (prometheus_client, or the
 collector's own injected ones) in the default registry, which SGLang's
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from kvflow.cache.radix_cache import workflow_cache
 
 TARGETS = (
     "sglang.srt.managers.scheduler.Scheduler.init_metrics_reporter",
@@ -154,7 +156,7 @@ class KVFlowMetrics:
     """kvflow's counters as Prometheus series beside one scheduler's SGLang metrics.
 
     ``labels`` are the scheduler collector's (names and values); ``summary`` returns
-    the cache's ``kvflow_stats()``. Monotonic counts are Counters advanced by what
+    the kvflow core's ``stats()``. Monotonic counts are Counters advanced by what
     the summary gained since the last update; a count that went down started again
     from zero (``/flush_cache`` resets the tree core's eviction counts) and the
     Counter is advanced by its new value, so the series stays monotonic (a count
@@ -218,10 +220,10 @@ class KVFlowMetrics:
 
 def _attach(result, scheduler, *args, **kwargs):
     collector = scheduler.metrics_reporter.metrics_collector
-    summary = getattr(scheduler.tree_cache, "kvflow_stats", None)
-    if collector is not None and summary is not None:
+    core = workflow_cache(scheduler.tree_cache)
+    if collector is not None and core is not None:
         collector.kvflow_metrics = KVFlowMetrics(
-            collector.labels, summary, collector._counter_cls, collector._gauge_cls
+            collector.labels, core.stats, collector._counter_cls, collector._gauge_cls
         )
     return result
 

@@ -25,6 +25,8 @@ from typing import Any
 from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from kvflow.cache.radix_cache import workflow_cache
+
 TARGETS = ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",)
 
 
@@ -57,17 +59,16 @@ def waiting_demand(waiting_queue: list, new_token_ratio: float) -> float:
 
 
 def _hold_prefetching(original, scheduler, *args, **kwargs):
-    note_reserved = getattr(scheduler.tree_cache, "kvflow_note_reserved_tokens", None)
-    if note_reserved is not None:
+    core = workflow_cache(scheduler.tree_cache)
+    if core is not None:
         running_batch = args[0] if args else kwargs.get("running_batch")
         ratio = scheduler.new_token_ratio_tracker.current
         # Summed over both queues only if the cache prefetches (it calls the estimate then).
-        note_reserved(
+        core.note_reserved_tokens(
             lambda: running_growth(running_batch, ratio) + waiting_demand(scheduler.waiting_queue, ratio)
         )
-    blocks = getattr(scheduler.tree_cache, "kvflow_blocks", None)
     queue = scheduler.waiting_queue
-    held = [req for req in queue if blocks(req)] if blocks is not None and queue else []
+    held = [req for req in queue if core.blocks(req)] if core is not None and queue else []
     if not held:
         return original(scheduler, *args, **kwargs)
     held_ids = {id(req) for req in held}

@@ -1,7 +1,7 @@
 """Patch: ``GET /kvflow/stats``, the workflow cache's counters.
 
 Targets: ``SchedulerInternalStateController.get_internal_state`` (an AFTER
-hook in the scheduler process adds the cache's ``kvflow_stats()`` to the
+hook in the scheduler process adds the kvflow core's ``stats()`` to the
 internal-state reply SGLang already sends to the HTTP process) and the FastAPI
 ``app`` of ``sglang.srt.entrypoints.http_server`` (the route that asks for it).
 
@@ -26,6 +26,7 @@ from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvflow import NAME, STATS_ROUTE
+from kvflow.cache.radix_cache import workflow_cache
 from kvflow.frontend.errors import error_response, refusal
 from kvflow.stats_query import QUERY_RID_PREFIX, QueryError, StatsQuery, parse_query
 
@@ -40,15 +41,19 @@ def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
     from kvflow.patches import active_patches
     from sglang.srt.runtime_context import get_parallel
 
-    stats = getattr(controller.scheduler.tree_cache, "kvflow_stats", None)
-    if stats is not None:
+    core = workflow_cache(controller.scheduler.tree_cache)
+    if core is not None:
         query = None
         rid = getattr(recv_req, "rid", None)
         if isinstance(rid, str) and rid.startswith(QUERY_RID_PREFIX):
             query = StatsQuery(**json.loads(rid[len(QUERY_RID_PREFIX) :]))
         # The same rank index the scheduler publishes its load snapshot under.
         dp_rank = get_parallel().dp_rank or 0
-        result.internal_state[NAME] = {**stats(query), "patches_active": active_patches(), "dp_rank": dp_rank}
+        result.internal_state[NAME] = {
+            **core.stats(query),
+            "patches_active": active_patches(),
+            "dp_rank": dp_rank,
+        }
     return result
 
 

@@ -15,7 +15,7 @@ Targets:
   kvflow commands (:mod:`kvflow.control`) ride in its ``server_args`` map;
   the hook pops them before SGLang validates the rest and applies them to the
   cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
-  ``WorkflowRadixCache.end_workflow``), ``steps`` (a moved frontier: after a
+  ``WorkflowCache.end_workflow``), ``steps`` (a moved frontier: after a
   ``PATCH``, and after each response of a registered or learned workflow) and
   ``clock`` (expire stale workflows). Every command carries the HTTP process's
   time (``at``); the app's lifespan sends a ``clock`` command every quarter TTL.
@@ -38,6 +38,7 @@ from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvflow import WORKFLOWS_ROUTE, control
+from kvflow.cache.radix_cache import workflow_cache
 from kvflow.config import KVFlowConfig
 from kvflow.frontend.errors import error_response, refusal
 from kvflow.frontend.graph_learning import GraphLearner
@@ -60,16 +61,15 @@ def _apply_command(cache: Any, key: str) -> bool:
     except control.ControlError as error:
         logger.warning("ignoring malformed kvflow command %r: %s", key, error)
         return False
-    advance_clock = getattr(cache, "advance_clock", None)
-    if advance_clock is not None:
-        advance_clock(command.at)
+    core = workflow_cache(cache)
+    if core is None:  # a stock cache: nothing to apply
+        return False
+    core.advance_clock(command.at)
     if isinstance(command, control.Clock):
-        return advance_clock is not None
+        return True
     if isinstance(command, control.End):
-        end_workflow = getattr(cache, "end_workflow", None)
-        return end_workflow is not None and end_workflow(command.workflow_id)
-    set_steps = getattr(cache, "set_steps", None)
-    return set_steps is not None and set_steps(command.workflow_id, command.steps)
+        return core.end_workflow(command.workflow_id)
+    return core.set_steps(command.workflow_id, command.steps)
 
 
 def _run_kvflow_commands(original, controller, recv_req, *args, **kwargs):

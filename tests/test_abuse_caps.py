@@ -21,8 +21,8 @@ def prompt(workflow: int, agent: int, length: int = 20) -> list[int]:
 
 def driver_with(size: int, **options) -> CacheDriver:
     driver = CacheDriver(size=size)
-    driver.cache.kvflow_config = replace(driver.cache.kvflow_config, **options)
-    driver.cache.workflows.max_agents = driver.cache.kvflow_config.max_tracked_agents
+    driver.cache.kvflow.config = replace(driver.cache.kvflow.config, **options)
+    driver.cache.kvflow.workflows.max_agents = driver.cache.kvflow.config.max_tracked_agents
     return driver
 
 
@@ -31,7 +31,7 @@ def test_past_its_share_a_workflows_farthest_prompts_go_before_every_other_workf
     hog = {f"h{i}": i for i in range(6)}
     for i in range(6):  # 6 x 20 tokens asked to be protected, nearest first
         driver.serve(prompt(0, i), WorkflowHint("hog", f"h{i}", 20, hog))
-    agents = driver.cache.workflows.get("hog").agents
+    agents = driver.cache.kvflow.workflows.get("hog").agents
     assert [agents[f"h{i}"].over_budget for i in range(6)] == [False] * 5 + [True]
     assert agents["h5"].next_use[0] == 1 and all(agents[f"h{i}"].next_use[0] == 0 for i in range(5))
     driver.serve(prompt(1, 0), WorkflowHint("small", "s", 20, {"s": 50}))  # far, but within its share
@@ -62,7 +62,7 @@ def test_a_shared_system_prompt_counts_once_against_the_share():
     steps = {"a": 0, "b": 1, "c": 2}
     for i, agent in enumerate("abc"):
         driver.serve(system + prompt(0, i), WorkflowHint("wf", agent, 140, steps))
-    agents = driver.cache.workflows.get("wf").agents
+    agents = driver.cache.kvflow.workflows.get("wf").agents
     # 120 shared + 3 x 20 own = 180 tokens: within 200, although 3 x 140 = 420 would not be
     assert not any(agent.over_budget for agent in agents.values())
 
@@ -72,10 +72,10 @@ def test_the_tracked_agent_cap_forgets_the_least_recently_hinted_workflows():
     for w in range(4):
         steps = {f"x{i}": i for i in range(4)}
         driver.serve(prompt(w, 0), WorkflowHint(f"w{w}", "x0", 20, steps))
-    table = driver.cache.workflows
+    table = driver.cache.kvflow.workflows
     assert table.agent_count <= 10
     assert table.get("w0") is None and table.get("w3") is not None
-    summary = driver.cache.kvflow_stats()
+    summary = driver.cache.kvflow.stats()
     assert summary["tracked"] == {"workflows": len(table), "agents": table.agent_count}
     # a forgotten workflow's prompt is plain LRU again
     (node,) = [
@@ -86,17 +86,17 @@ def test_the_tracked_agent_cap_forgets_the_least_recently_hinted_workflows():
 
 def test_stats_detail_comes_in_pages_and_the_summary_does_not_grow():
     driver = CacheDriver(size=4000)
-    small = driver.cache.kvflow_stats()
+    small = driver.cache.kvflow.stats()
     for w in range(30):
         steps = {f"agent-{i}": i for i in range(50)}
         driver.serve(prompt(w, 0), WorkflowHint(f"w{w}", "agent-0", 20, steps))
-    big = driver.cache.kvflow_stats()
+    big = driver.cache.kvflow.stats()
     assert set(big) == set(small) and big["tracked"] == {"workflows": 30, "agents": 1500}
-    page = driver.cache.kvflow_stats(StatsQuery("w7", offset=10, limit=5))["workflow"]
+    page = driver.cache.kvflow.stats(StatsQuery("w7", offset=10, limit=5))["workflow"]
     assert page["total"] == 50 and list(page["agents"]) == [f"agent-{i}" for i in range(10, 15)]
-    listing = driver.cache.kvflow_stats(StatsQuery(None, offset=28, limit=5))["workflows"]
+    listing = driver.cache.kvflow.stats(StatsQuery(None, offset=28, limit=5))["workflows"]
     assert listing["total"] == 30 and [item["workflow_id"] for item in listing["items"]] == ["w28", "w29"]
-    assert driver.cache.kvflow_stats(StatsQuery("unknown"))["workflow"] is None
+    assert driver.cache.kvflow.stats(StatsQuery("unknown"))["workflow"] is None
 
 
 def test_config_refuses_fractions_outside_the_unit_interval():
@@ -111,7 +111,7 @@ def test_a_full_steps_map_does_not_crowd_out_the_requesting_agent():
     driver = CacheDriver(size=200)
     steps = {f"s{i}": 1 for i in range(MAX_STEPS_ENTRIES)}
     driver.serve(prompt(0, 0), WorkflowHint("big", "me", 20, steps))
-    agents = driver.cache.workflows.get("big").agents
+    agents = driver.cache.kvflow.workflows.get("big").agents
     assert len(agents) == MAX_STEPS_ENTRIES and "me" in agents
     assert agents["me"].node is not None and agents["me"].fixed_prefix_len == 20
 
@@ -126,7 +126,7 @@ def test_the_idle_check_hook_finds_a_corrupted_subtree_minimum(monkeypatch):
     driver.serve(prompt(0, 0), WorkflowHint("wf", "a", 20, {"a": 3}))
     checker = SimpleNamespace(tree_cache=driver.cache)  # SGLang's checker only lends its tree_cache
     idle_integrity._check_ownership(None, checker)
-    driver.cache.workflows.get("wf").agents["a"].node.kvflow.next_use = 99
+    driver.cache.kvflow.workflows.get("wf").agents["a"].node.kvflow.next_use = 99
     with pytest.raises(AssertionError, match="next_use"):
         idle_integrity._check_ownership(None, checker)
     monkeypatch.setenv("SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK", "0")

@@ -35,7 +35,7 @@ def test_shared_system_prompt_is_protected_by_its_most_urgent_user_without_copyi
     fixed = len(SYSTEM) + 20
     driver.serve(SYSTEM + agent_prompt(0) + dynamic(0), hint("a", fixed, {"a": 0, "b": 3}))
     driver.serve(SYSTEM + agent_prompt(1) + dynamic(1), hint("b", fixed, {"a": 2, "b": 0}))
-    agents = driver.cache.workflows.workflows()[0].agents
+    agents = driver.cache.kvflow.workflows.workflows()[0].agents
     a_node, b_node = agents["a"].node, agents["b"].node
     assert a_node is not None and b_node is not None and a_node is not b_node
     shared = a_node.parent
@@ -57,7 +57,7 @@ def test_split_puts_the_boundary_exactly_at_fixed_prefix_len():
     root = driver.cache.tree_core.root_node
     (whole,) = root.children.values()
     assert len(whole.key) == 30
-    driver.cache.observe_hint(hint("a", 18), prompt)
+    driver.cache.kvflow.observe_hint(hint("a", 18), prompt)
     (boundary,) = root.children.values()
     assert len(boundary.key) == 18 and boundary.kvflow.owners[0].agent_id == "a"
     (tail,) = boundary.children.values()
@@ -69,7 +69,7 @@ def test_a_later_split_above_the_boundary_does_not_copy_ownership_up():
     driver = CacheDriver(size=200)
     prompt = agent_prompt(0, 30)
     driver.serve(prompt, hint("a", 30, {"a": 4}))
-    boundary = driver.cache.workflows.workflows()[0].agents["a"].node
+    boundary = driver.cache.kvflow.workflows.workflows()[0].agents["a"].node
     driver.serve(prompt[:10] + [7, 7, 7])  # diverges inside the owned node
     assert boundary.parent is not driver.cache.tree_core.root_node
     assert len(boundary.key) == 20 and boundary.kvflow.owners[0].agent_id == "a"
@@ -84,7 +84,7 @@ def test_two_workflows_sharing_a_prefix_never_collide_and_take_the_lowest_steps(
     fixed = len(SYSTEM) + 20
     driver.serve(SYSTEM + agent_prompt(0) + dynamic(0), hint("agent", fixed, {"agent": 5}, workflow="w1"))
     driver.serve(SYSTEM + agent_prompt(1) + dynamic(1), hint("agent", fixed, {"agent": 1}, workflow="w2"))
-    w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
+    w1, w2 = (wf.agents["agent"] for wf in driver.cache.kvflow.workflows.workflows())
     assert w1 is not w2 and w1.node is not w2.node
     assert w1.steps == 5 and w2.steps == 1
     assert w2.next_use < w1.next_use and w1.node.parent.kvflow.next_use == w2.next_use
@@ -111,12 +111,12 @@ def test_owned_nodes_go_farthest_steps_first_and_follow_step_updates():
     for i, (agent, view) in enumerate(zip("abc", views, strict=True)):
         driver.serve(agent_prompt(i), hint(agent, 20, view))
     # the last view (a=1, b=2, c=0), then c finished and became the farthest: c=3
-    agents = driver.cache.workflows.workflows()[0].agents
+    agents = driver.cache.kvflow.workflows.workflows()[0].agents
     assert [agents[x].steps for x in "abc"] == [1, 2, 3]
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(agent_prompt(2)) == 0  # c, farthest
     assert driver.cached_len(agent_prompt(0)) == 20 and driver.cached_len(agent_prompt(1)) == 20
-    driver.cache.observe_hint(hint("b", 20, {"a": 5, "b": 0}), agent_prompt(1))
+    driver.cache.kvflow.observe_hint(hint("b", 20, {"a": 5, "b": 0}), agent_prompt(1))
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(agent_prompt(0)) == 0  # a moved to 5
     assert driver.cached_len(agent_prompt(1)) == 20
@@ -128,7 +128,7 @@ def test_equal_steps_across_workflows_go_by_when_they_are_needed_the_later_first
     prompts = {"w1": agent_prompt(0), "w2": agent_prompt(1)}
     for workflow, prompt in prompts.items():  # same pace (the prior); w2 stepped later
         driver.serve(prompt, hint("agent", 20, {"agent": 0, "next": 1}, workflow=workflow))
-    w1, w2 = (wf.agents["agent"] for wf in driver.cache.workflows.workflows())
+    w1, w2 = (wf.agents["agent"] for wf in driver.cache.kvflow.workflows.workflows())
     assert w1.steps == w2.steps and w1.next_use < w2.next_use
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(prompts["w2"]) == 0 and driver.cached_len(prompts["w1"]) == 20
@@ -153,8 +153,8 @@ def test_a_slow_workflows_next_agent_goes_before_a_fast_workflows_farther_one():
             step("fast", fast_cycle)
     step("slow", slow_cycle)
     step("fast", fast_cycle)
-    slow = driver.cache.workflows.get("slow")
-    fast = driver.cache.workflows.get("fast")
+    slow = driver.cache.kvflow.workflows.get("slow")
+    fast = driver.cache.kvflow.workflows.get("fast")
     assert slow.pace.interval > 5 * fast.pace.interval
     slow_next = min((a for a in slow.agents.values() if a.steps > 0), key=lambda a: a.steps)
     fast_farthest = max(fast.agents.values(), key=lambda a: a.steps)
@@ -168,7 +168,7 @@ def test_with_hop_urgency_equal_steps_across_workflows_are_broken_by_the_tie_bre
     prompts = {"w1": agent_prompt(0), "w2": agent_prompt(1)}
     for workflow, prompt in prompts.items():  # w1 first (least recently used), then w2
         driver.serve(prompt, hint("agent", 20, {"agent": 0, "next": 1}, workflow=workflow))
-    steps = [wf.agents["agent"].steps for wf in driver.cache.workflows.workflows()]
+    steps = [wf.agents["agent"].steps for wf in driver.cache.kvflow.workflows.workflows()]
     assert steps[0] == steps[1]
     driver.cache.evict(EvictParams(num_tokens=20))
     kept = "w2" if evicted == "w1" else "w1"
@@ -187,25 +187,25 @@ def test_nothing_is_pinned_owned_prompts_are_evicted_under_pressure():
     hit = driver.serve(agent_prompt(3, 60))  # needs the whole pool
     assert hit == 0
     assert all(driver.cached_len(agent_prompt(i)) == 0 for i in range(3))
-    assert all(agent.node is None for agent in driver.cache.workflows.workflows()[0].agents.values())
+    assert all(agent.node is None for agent in driver.cache.kvflow.workflows.workflows()[0].agents.values())
 
 
 def test_stale_workflows_expire_back_to_plain_lru(monkeypatch):
     monkeypatch.setenv("KVFLOW_CONFIG", '{"hint_ttl": 0.2, "max_workflows": 16}')
     assert KVFlowConfig.from_env().hint_ttl == 0.2
     driver = CacheDriver(size=40)
-    table = driver.cache.workflows
+    table = driver.cache.kvflow.workflows
     assert (table.ttl, table.max_workflows) == (0.2, 16)  # the cache took its table's caps from the config
     now = [0.0]
-    driver.cache.workflows = WorkflowTable(0.2, 16, clock=lambda: now[0], max_agents=table.max_agents)
+    driver.cache.kvflow.workflows = WorkflowTable(0.2, 16, clock=lambda: now[0], max_agents=table.max_agents)
     driver.serve(agent_prompt(0), hint("a", 20, {"a": 0}))
     driver.serve(agent_prompt(1))  # newer un-owned traffic
     now[0] = 0.2
     driver.cache.evict(EvictParams(num_tokens=0))
-    assert len(driver.cache.workflows) == 1  # not past the TTL yet
+    assert len(driver.cache.kvflow.workflows) == 1  # not past the TTL yet
     now[0] = 0.3
     driver.cache.evict(EvictParams(num_tokens=20))  # expiry runs first, then plain LRU
-    assert len(driver.cache.workflows) == 0
+    assert len(driver.cache.kvflow.workflows) == 0
     assert driver.cached_len(agent_prompt(0)) == 0  # older, no longer protected
     assert driver.cached_len(agent_prompt(1)) == 20
 
@@ -214,7 +214,7 @@ def test_inferred_boundary_is_the_prefix_the_agent_keeps_repeating():
     driver = CacheDriver(size=200)
     fixed = agent_prompt(0, 25)
     driver.serve(fixed + dynamic(1), hint("a", None))
-    agent = driver.cache.workflows.workflows()[0].agents["a"]
+    agent = driver.cache.kvflow.workflows.workflows()[0].agents["a"]
     assert agent.fixed_prefix_len is None and agent.node is None  # one request proves nothing
     driver.serve(fixed + dynamic(2), hint("a", None))
     assert agent.fixed_prefix_len == 25 and len(agent.node.key) == 25
@@ -270,7 +270,7 @@ def test_ending_a_workflow_makes_its_prompts_plain_lru_at_once():
     driver = CacheDriver(size=40)
     driver.serve(agent_prompt(0), hint("a", 20, {"a": 0}))
     driver.serve(agent_prompt(1))
-    assert driver.cache.end_workflow("wf") and not driver.cache.end_workflow("wf")
+    assert driver.cache.kvflow.end_workflow("wf") and not driver.cache.kvflow.end_workflow("wf")
     driver.cache.evict(EvictParams(num_tokens=20))
     assert driver.cached_len(agent_prompt(0)) == 0 and driver.cached_len(agent_prompt(1)) == 20
 
@@ -280,12 +280,12 @@ def test_a_full_reset_leaves_no_agent_owning_a_node_of_the_old_tree():
     driver = CacheDriver(size=64)
     hint = WorkflowHint("w", "a0", 8, {"a0": 0, "a1": 1})
     driver.serve(list(range(10, 22)), hint)
-    agent = driver.cache.workflows.get("w").agents["a0"]
+    agent = driver.cache.kvflow.workflows.get("w").agents["a0"]
     assert agent.node is not None
     driver.cache.reset()
     driver.allocator.clear()
     assert agent.node is None
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()
     assert driver.serve(list(range(10, 22)), hint) == 0  # the tree is empty; the workflow is still known
     assert agent.node is not None and agent.steps is not None
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()

@@ -71,12 +71,12 @@ def test_a_prompt_shorter_than_the_fixed_prefix_neither_raises_nor_moves_the_bou
     driver = CacheDriver(size=64, page_size=page_size)
     first = list(range(1, 13))
     driver.serve(first, WorkflowHint("wf", "a", 8))  # 12-token prompt, fixed 8
-    agent = driver.cache.workflows.get("wf").agents["a"]
+    agent = driver.cache.kvflow.workflows.get("wf").agents["a"]
     assert _depth(agent.node) == 8
     shorter = first[:6]
     driver.serve(shorter, WorkflowHint("wf", "a"))  # no fixed_prefix_len: the boundary stays 8
-    driver.cache.claim(agent, shorter)
-    driver.cache.check_integrity()
+    driver.cache.kvflow.claim(agent, shorter)
+    driver.cache.kvflow.check_integrity()
     assert agent.fixed_prefix_len == 8
     assert agent.node is not None and _depth(agent.node) == 8  # still the first prompt's boundary
 
@@ -90,16 +90,16 @@ def test_a_newer_hint_observed_before_an_older_requests_claim_neither_raises_nor
     request1 = list(range(1, 7))
     request2 = request1 + list(range(50, 56))
     # Both are admitted (hint observed, nothing cached yet) before request 1's KV is inserted.
-    agent = cache.observe_hint(WorkflowHint("wf", "a", 4), request1)
-    assert cache.observe_hint(WorkflowHint("wf", "a", 12), request2) is agent
+    agent = cache.kvflow.observe_hint(WorkflowHint("wf", "a", 4), request1)
+    assert cache.kvflow.observe_hint(WorkflowHint("wf", "a", 12), request2) is agent
     driver.serve(request1)
-    cache.claim(agent, request1)  # request 1's claim once its KV is in the tree
-    cache.check_integrity()
+    cache.kvflow.claim(agent, request1)  # request 1's claim once its KV is in the tree
+    cache.kvflow.check_integrity()
     assert agent.fixed_prefix_len == 12
     assert agent.node is None  # request 1 (6 tokens) does not hold the 12-token boundary
     driver.serve(request2)
-    cache.claim(agent, request2)
-    cache.check_integrity()
+    cache.kvflow.claim(agent, request2)
+    cache.kvflow.check_integrity()
     assert _depth(agent.node) == 12
 
 
@@ -202,18 +202,20 @@ class WorkflowCacheMachine(RuleBasedStateMachine):
         self.cache = self.side.cache
         self.now = 0.0
         # Small caps and a small protected share, so that every kind of expiry, and budgets, happen.
-        self.cache.workflows = WorkflowTable(TTL, max_workflows=3, clock=lambda: self.now, max_agents=8)
-        self.cache.kvflow_config = replace(self.cache.kvflow_config, max_protected_fraction=0.25)
+        self.cache.kvflow.workflows = WorkflowTable(
+            TTL, max_workflows=3, clock=lambda: self.now, max_agents=8
+        )
+        self.cache.kvflow.config = replace(self.cache.kvflow.config, max_protected_fraction=0.25)
         # Every agent met, those of forgotten workflows too, with its latest prompt.
         self.prompts: dict[AgentState, list[int]] = {}
         self.owned: dict[AgentState, Any] = {}  # the node each tracked agent owned after the last step
 
     def _tracked(self) -> list[AgentState]:
-        return [agent for wf in self.cache.workflows.workflows() for agent in wf.agents.values()]
+        return [agent for wf in self.cache.kvflow.workflows.workflows() for agent in wf.agents.values()]
 
     @invariant()
     def integrity(self) -> None:
-        self.cache.check_integrity()
+        self.cache.kvflow.check_integrity()
         page = self.side.page
         for agent in self._tracked():
             if agent.node is not None and agent.node is not self.owned.get(agent):
@@ -225,14 +227,14 @@ class WorkflowCacheMachine(RuleBasedStateMachine):
     def serve(self, request: Request) -> None:
         hint = request.hint
         if self.side.serve(request.tokens, hint) is not None and hint is not None:
-            workflow = self.cache.workflows.get(hint.workflow_id)
+            workflow = self.cache.kvflow.workflows.get(hint.workflow_id)
             agent = workflow.agents.get(hint.agent_id) if workflow is not None else None
             if agent is not None:
                 self.prompts[agent] = request.tokens
 
     @rule(request=requests(always_hinted=True))
     def observe_hint(self, request: Request) -> None:
-        agent = self.cache.observe_hint(request.hint, request.tokens)
+        agent = self.cache.kvflow.observe_hint(request.hint, request.tokens)
         if agent is not None:
             self.prompts[agent] = request.tokens
 
@@ -244,21 +246,21 @@ class WorkflowCacheMachine(RuleBasedStateMachine):
         agent = tracked[pick % len(tracked)]
         if tokens is None:
             tokens = self.prompts.get(agent, [])
-        self.cache.claim(agent, tokens[: max(0, (agent.fixed_prefix_len or 0) - shorter_by)])
+        self.cache.kvflow.claim(agent, tokens[: max(0, (agent.fixed_prefix_len or 0) - shorter_by)])
 
     @rule(workflow_id=st.sampled_from(WORKFLOWS), steps=steps_maps)
     def set_steps(self, workflow_id: str, steps: dict[str, int]) -> None:
-        self.cache.set_steps(workflow_id, steps)
+        self.cache.kvflow.set_steps(workflow_id, steps)
 
     @rule(workflow_id=st.sampled_from(WORKFLOWS))
     def end_workflow(self, workflow_id: str) -> None:
-        self.cache.end_workflow(workflow_id)
+        self.cache.kvflow.end_workflow(workflow_id)
 
     @precondition(lambda self: self.prompts)
     @rule(pick=st.integers(0, 50))
     def agent_finished(self, pick: int) -> None:
         met = list(self.prompts)
-        self.cache.agent_finished(met[pick % len(met)])
+        self.cache.kvflow.agent_finished(met[pick % len(met)])
 
     @rule(num_tokens=st.integers(0, POOL))
     def evict(self, num_tokens: int) -> None:
@@ -300,7 +302,7 @@ class StockLRUMachine(RuleBasedStateMachine):
 
     @invariant()
     def same_as_stock(self) -> None:
-        self.ours.cache.check_integrity()
+        self.ours.cache.kvflow.check_integrity()
         check_pool_accounting(self.stock.cache)
         ours, stock = self.ours.driver, self.stock.driver
         assert ours.allocator.available_size() == stock.allocator.available_size()

@@ -7,9 +7,12 @@ import logging
 
 import pytest
 from kvflow.patches.workflow_endpoints import _apply_command
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow import control
 from kvflow.control import COMMAND_PREFIX, Clock, ControlError, End, Steps
+from kvflow.harness.offline import CacheDriver
+from kvflow.hints import WorkflowHint
 
 
 def test_keys_are_the_prefix_and_compact_sorted_json():
@@ -52,42 +55,34 @@ def test_a_malformed_key_is_a_control_error_naming_what(key, names):
         control.decode(key)
 
 
-class RecordingCache:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def advance_clock(self, stamp):
-        self.calls.append(("advance_clock", stamp))
-
-    def end_workflow(self, workflow_id):
-        self.calls.append(("end_workflow", workflow_id))
-        return workflow_id == "known"
-
-    def set_steps(self, workflow_id, steps):
-        self.calls.append(("set_steps", workflow_id, steps))
-        return workflow_id == "known"
+def _hinted_driver() -> CacheDriver:
+    """A real kvflow cache tracking workflow "known" (agents a and b), its clock at 0."""
+    driver = CacheDriver(size=64)
+    hint = WorkflowHint("known", "a", 4, {"a": 0, "b": 1})
+    driver.serve(list(range(8)), hint=hint)
+    return driver
 
 
 def test_the_scheduler_advances_the_clock_then_applies_the_command(caplog):
-    cache = RecordingCache()
-    assert _apply_command(cache, control.encode(Clock(1.0)))
-    assert _apply_command(cache, control.encode(End("known", 2.0)))
-    assert not _apply_command(cache, control.encode(End("other", 3.0)))
-    assert _apply_command(cache, control.encode(Steps("known", {"a": 1}, 4.0)))
-    assert cache.calls == [
-        ("advance_clock", 1.0),
-        ("advance_clock", 2.0),
-        ("end_workflow", "known"),
-        ("advance_clock", 3.0),
-        ("end_workflow", "other"),
-        ("advance_clock", 4.0),
-        ("set_steps", "known", {"a": 1}),
-    ]
+    driver = _hinted_driver()
+    core = driver.cache.kvflow
+    assert _apply_command(driver.cache, control.encode(Clock(1.0)))
+    assert core.clock() == 1.0
+    assert _apply_command(driver.cache, control.encode(Steps("known", {"a": 3, "b": 0}, 2.0)))
+    assert core.clock() == 2.0
+    assert {a.agent_id: a.steps for a in core.workflows.get("known").agents.values()} == {"a": 3, "b": 0}
+    assert not _apply_command(driver.cache, control.encode(Steps("other", {"a": 1}, 3.0)))
+    assert not _apply_command(driver.cache, control.encode(End("other", 4.0)))
+    assert core.clock() == 4.0 and core.workflows.get("known") is not None
+    assert _apply_command(driver.cache, control.encode(End("known", 5.0)))
+    assert core.clock() == 5.0 and core.workflows.get("known") is None
     with caplog.at_level(logging.WARNING):
-        assert not _apply_command(cache, "kvflow:{broken")
-    assert len(cache.calls) == 7 and "malformed kvflow command" in caplog.text
+        assert not _apply_command(driver.cache, "kvflow:{broken")
+    assert core.clock() == 5.0 and "malformed kvflow command" in caplog.text
+    core.check_integrity()
 
 
 def test_a_cache_without_kvflow_applies_nothing():
+    stock = CacheDriver(size=64, cache_class=UnifiedRadixCache, policy="lru")
     for command in (Clock(1.0), End("w", 1.0), Steps("w", {"a": 1}, 1.0)):
-        assert not _apply_command(object(), control.encode(command))
+        assert not _apply_command(stock.cache, control.encode(command))

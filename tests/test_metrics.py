@@ -93,18 +93,18 @@ def scrape(registry: CollectorRegistry) -> tuple[Series, list[dict]]:
 def test_each_series_equals_the_summary_under_the_schedulers_labels_and_stays_monotonic():
     driver = CacheDriver(size=60)  # three 20-token prompts: a cycle of four evicts
     registry = CollectorRegistry()
-    metrics = KVFlowMetrics(SCHEDULER_LABELS, driver.cache.kvflow_stats, registry=registry)
+    metrics = KVFlowMetrics(SCHEDULER_LABELS, driver.cache.kvflow.stats, registry=registry)
     metrics.update()
     series, labels = scrape(registry)
-    assert series == expected_series(driver.cache.kvflow_stats())
+    assert series == expected_series(driver.cache.kvflow.stats())
     assert all(value == 0 for value in series.values())  # every series present from the start
     assert labels and all(sample == SCHEDULER_LABELS for sample in labels)
 
     for _ in range(3):
         serve_cycle(driver, "w", 4)
-    driver.cache.kvflow_totals.record(20, 20, 12, 8)  # one finished request, as on_release records it
+    driver.cache.kvflow.totals.record(20, 20, 12, 8)  # one finished request, as on_release records it
     metrics.update()
-    summary = driver.cache.kvflow_stats()
+    summary = driver.cache.kvflow.stats()
     assert summary["evictions"]["device"]["owned"]["nodes"] > 0 and summary["tracked"]["agents"] == 4
     assert scrape(registry)[0] == expected_series(summary)
 
@@ -116,7 +116,7 @@ def test_each_series_equals_the_summary_under_the_schedulers_labels_and_stays_mo
             counts.update(nodes=0, tokens=0)
     driver.cache.evict(EvictParams(num_tokens=20))
     metrics.update()
-    after, summary = scrape(registry)[0], driver.cache.kvflow_stats()
+    after, summary = scrape(registry)[0], driver.cache.kvflow.stats()
     key = ("kvflow:evicted_nodes_total", frozenset({("tier", "device"), ("class", "owned")}))
     grown = summary["evictions"]["device"]["owned"]["nodes"]
     assert 0 < grown < before[key] and after[key] == before[key] + grown
@@ -126,7 +126,7 @@ def test_each_series_equals_the_summary_under_the_schedulers_labels_and_stays_mo
 def test_without_a_prefetcher_there_are_no_prefetch_series():
     driver = CacheDriver(size=60)
     registry = CollectorRegistry()
-    KVFlowMetrics(SCHEDULER_LABELS, driver.cache.kvflow_stats, registry=registry).update()
+    KVFlowMetrics(SCHEDULER_LABELS, driver.cache.kvflow.stats, registry=registry).update()
     names = {name for name, _ in scrape(registry)[0]}
-    assert driver.cache.kvflow_stats()["prefetch"] is None
+    assert driver.cache.kvflow.stats()["prefetch"] is None
     assert names and not any("prefetch" in name for name in names)

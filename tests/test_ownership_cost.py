@@ -45,12 +45,12 @@ def _random_run(seed: int, page_size: int, steps: int = 120) -> CacheDriver:
             tail = [rng.randint(2000, 2100) for _ in range(rng.randint(0, 20))]
             driver.serve(prompt + tail, WorkflowHint(workflow, agent, fixed, steps_map))
         elif roll < 0.85:  # a steps change from outside a request
-            cache.set_steps(workflow, {agent: rng.randint(0, 9)})
+            cache.kvflow.set_steps(workflow, {agent: rng.randint(0, 9)})
         elif roll < 0.95:  # a big un-hinted request: evicts owned and un-owned nodes
             driver.serve([rng.randint(3000, 3050) for _ in range(rng.randint(40, 120))])
         else:
-            cache.end_workflow(workflow)
-        cache.check_integrity()
+            cache.kvflow.end_workflow(workflow)
+        cache.kvflow.check_integrity()
     return driver
 
 
@@ -90,32 +90,32 @@ def _fan_driver() -> CacheDriver:
 )
 def test_the_integrity_check_catches_a_broken_per_child_structure(corrupt, message):
     driver = _fan_driver()
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()
     node = _node_with_structure(driver)
     structure = node.kvflow.child_mins
     corrupt(structure, next(iter(structure.values)))
     with pytest.raises(AssertionError, match=message):
-        driver.cache.check_ownership()
+        driver.cache.kvflow.check_ownership()
 
 
 def test_the_integrity_check_catches_a_stale_own_minimum():
     driver = _fan_driver()
-    agent = driver.cache.workflows.get("wf").agents["a3"]
+    agent = driver.cache.kvflow.workflows.get("wf").agents["a3"]
     agent.node.kvflow.own_next_use = -1
     with pytest.raises(AssertionError, match="own_next_use"):
-        driver.cache.check_ownership()
+        driver.cache.kvflow.check_ownership()
 
 
 def test_a_split_above_an_owned_node_moves_it_into_the_new_node_structure():
     driver = _fan_driver()
-    system_node = driver.cache.workflows.get("wf").agents["a0"].node.parent
+    system_node = driver.cache.kvflow.workflows.get("wf").agents["a0"].node.parent
     # A prompt sharing half the system prompt splits the node every agent's prompt hangs under.
     driver.serve(list(range(1, 5)) + [900] * 6)
     upper = system_node.parent
     assert len(upper.key) == 4 and len(system_node.key) == 4 and upper.parent.parent is None
     assert list(upper.kvflow.child_mins.values) == [system_node]  # the new prompt's node has no value
     assert upper.kvflow.next_use is not None and upper.kvflow.next_use == system_node.kvflow.next_use
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()
 
 
 # ---- cost is counted --------------------------------------------------------------------------

@@ -31,8 +31,8 @@ def request(tokens: list[int], max_new_tokens: int = 1, ignore_eos: bool = False
 def fill(driver: CacheDriver, steps: dict[str, int]) -> dict:
     for i, agent in enumerate(steps):
         driver.serve(prompt(i), WorkflowHint("wf", agent, 20, {}))
-    driver.cache.observe_hint(WorkflowHint("wf", "x", None, steps), [])
-    return driver.cache.workflows.workflows()[0].agents
+    driver.cache.kvflow.observe_hint(WorkflowHint("wf", "x", None, steps), [])
+    return driver.cache.kvflow.workflows.workflows()[0].agents
 
 
 def test_making_room_never_evicts_an_agent_that_runs_sooner():
@@ -68,7 +68,7 @@ def test_requests_through_a_pending_load_are_held_and_put_back_in_order_even_whe
     assert prefetcher.blocks(RadixKey(prompt(0) + [5, 5]))
     assert not prefetcher.blocks(RadixKey(prompt(1) + [5, 5]))
 
-    driver.cache.prefetcher = prefetcher
+    driver.cache.kvflow.prefetcher = prefetcher
     # SGLang's scheduler lends the hook only its tree cache, waiting queue and new-token ratio.
     scheduler = SimpleNamespace(
         tree_cache=driver.cache,
@@ -134,16 +134,16 @@ def test_a_held_request_is_counted_once_and_its_prefetch_is_late_even_if_done_wh
     driver = CacheDriver(size=80)
     agents = fill(driver, {"a": 1, "b": 2})
     cache = driver.cache
-    cache.prefetcher = prefetcher = Prefetcher(cache)
+    cache.kvflow.prefetcher = prefetcher = Prefetcher(cache)
     agent = agents["a"]
     prefetcher.records[id(agent)] = PrefetchRecord(agent, agent.node, [agent.node], 20)
 
     req, other = request(prompt(0) + [5]), request(prompt(1) + [5])
-    assert cache.kvflow_blocks(req) and cache.kvflow_blocks(req)  # two scheduling passes
-    assert not cache.kvflow_blocks(other)
+    assert cache.kvflow.blocks(req) and cache.kvflow.blocks(req)  # two scheduling passes
+    assert not cache.kvflow.blocks(other)
     assert prefetcher.counters.held == 1 and request_state(req).held and not request_state(other).held
     prefetcher.records[id(agent)].done = True  # acknowledged: the request is matched only now
-    assert not cache.kvflow_blocks(req)
+    assert not cache.kvflow.blocks(req)
     prefetcher.on_admit(agent, held=True)
     assert prefetcher.counters.late == 1 and prefetcher.counters.timely == 0 and not prefetcher.records
 
@@ -151,12 +151,12 @@ def test_a_held_request_is_counted_once_and_its_prefetch_is_late_even_if_done_wh
 def test_only_agents_due_next_are_looked_at_each_iteration():
     driver = CacheDriver(size=200)
     agents = fill(driver, {"a": 1, "b": 2, "c": 0})
-    prefetcher = driver.cache.prefetcher = Prefetcher(driver.cache, steps_limit=1)
+    prefetcher = driver.cache.kvflow.prefetcher = Prefetcher(driver.cache, steps_limit=1)
     assert set(prefetcher.due) == {id(agents["a"])}  # seeded from the hints seen before
-    driver.cache.observe_hint(WorkflowHint("wf", "x", None, {"a": 3, "b": 1}), [])
+    driver.cache.kvflow.observe_hint(WorkflowHint("wf", "x", None, {"a": 3, "b": 1}), [])
     prefetcher._due_nearest_first()
     assert set(prefetcher.due) == {id(agents["b"])}
-    driver.cache.end_workflow("wf")
+    driver.cache.kvflow.end_workflow("wf")
     prefetcher._due_nearest_first()
     assert not prefetcher.due
 

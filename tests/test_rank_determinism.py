@@ -53,13 +53,13 @@ def _drive_as_rank(monkeypatch: pytest.MonkeyPatch, offset: float, rate: float) 
     driver = CacheDriver(size=160)
     cache, tracked = driver.cache, []
     for stamp, prompt, hint in _stream():
-        cache.advance_clock(stamp)  # the HTTP process's clock command
+        cache.kvflow.advance_clock(stamp)  # the HTTP process's clock command
         driver.serve(prompt, hint)
-        tracked.append(sorted(w.workflow_id for w in cache.workflows.workflows()))
+        tracked.append(sorted(w.workflow_id for w in cache.kvflow.workflows.workflows()))
     monkeypatch.undo()
     next_uses = {
         (w.workflow_id, a.agent_id): a.next_use
-        for w in cache.workflows.workflows()
+        for w in cache.kvflow.workflows.workflows()
         for a in w.agents.values()
     }
     return {"freed": driver.allocator.freed, "tracked": tracked, "next_uses": next_uses}
@@ -80,8 +80,8 @@ def test_a_request_advances_the_clock_by_the_stamp_its_transport_carries() -> No
     custom = {**transport(hint), TIME_KEY: 123.5}
     req = Req("r1", "", array("i", [1, 2, 3, 4, 5]), SamplingParams(max_new_tokens=1, custom_params=custom))
     driver.cache.match_prefix(MatchPrefixParams(key=RadixKey([1, 2, 3, 4, 5]), req=req))
-    assert driver.cache.kvflow_clock() == 123.5
-    assert driver.cache.workflows.get("w") is not None
+    assert driver.cache.kvflow.clock() == 123.5
+    assert driver.cache.kvflow.workflows.get("w") is not None
 
 
 def test_stamps_are_finite_seconds_and_the_clock_never_goes_back() -> None:
@@ -97,16 +97,16 @@ def test_stamps_are_finite_seconds_and_the_clock_never_goes_back() -> None:
 def test_clock_commands_expire_stale_workflows_without_any_request() -> None:
     driver = CacheDriver(size=64)
     cache = driver.cache
-    cache.advance_clock(10.0)
+    cache.kvflow.advance_clock(10.0)
     driver.serve([1, 2, 3, 4, 5], WorkflowHint("w", "a", 4, {"a": 0}))
-    assert _apply_command(cache, control.encode(control.Clock(10.0 + cache.workflows.ttl / 2)))
-    assert cache.workflows.get("w") is not None
-    assert _apply_command(cache, control.encode(control.Clock(11.0 + cache.workflows.ttl)))
-    assert cache.workflows.get("w") is None
-    stamped = cache.kvflow_clock()
+    assert _apply_command(cache, control.encode(control.Clock(10.0 + cache.kvflow.workflows.ttl / 2)))
+    assert cache.kvflow.workflows.get("w") is not None
+    assert _apply_command(cache, control.encode(control.Clock(11.0 + cache.kvflow.workflows.ttl)))
+    assert cache.kvflow.workflows.get("w") is None
+    stamped = cache.kvflow.clock()
     unreadable_time = control.COMMAND_PREFIX + '{"at":"soon","op":"clock"}'
     assert _apply_command(cache, unreadable_time)  # applied, time unread
-    assert cache.kvflow_clock() == stamped == 11.0 + cache.workflows.ttl
+    assert cache.kvflow.clock() == stamped == 11.0 + cache.kvflow.workflows.ttl
     assert clock_period(300.0) == 30.0 and clock_period(0.2) == 0.05 and clock_period(8.0) == 2.0
 
 
@@ -121,7 +121,7 @@ for rank in range(2):
     checker._q, checker._scheduler_thread = queue.Queue(), threading.current_thread()
     driver = CacheDriver(size=160)
     for stamp, prompt, hint in _stream():
-        driver.cache.advance_clock(stamp)
+        driver.cache.kvflow.advance_clock(stamp)
         driver.serve(prompt, hint)
     log = []
     while not checker._q.empty():
@@ -152,7 +152,7 @@ def test_the_payloads_sglangs_rank_consensus_checker_compares_are_equal() -> Non
     joined = "\n".join(rank0)
     for decision in (
         "observe_hint returns",
-        "_expire_workflows returns",
+        "expire returns",
         "advance_clock called",
         "evict returns",
     ):

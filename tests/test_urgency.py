@@ -78,8 +78,8 @@ def test_through_the_cache_a_workflow_that_stops_falls_behind_the_live_ones():
         for workflow in ("done", "live"):
             running = turn % 2
             _serve(driver, workflow, running, {f"a{j}": (j - running) % 2 for j in range(2)})
-    done = driver.cache.workflows.get("done").agents
-    live = driver.cache.workflows.get("live").agents
+    done = driver.cache.kvflow.workflows.get("done").agents
+    live = driver.cache.kvflow.workflows.get("live").agents
     assert min(a.next_use for a in done.values()) < max(a.next_use for a in live.values())
     for turn in range(4, 40):  # only "live" goes on; "done" is reviewed as it stalls
         running = turn % 2
@@ -92,8 +92,8 @@ def test_two_caches_fed_the_same_hints_order_alike_whatever_their_wall_clocks():
     drivers = [CacheDriver(size=200), CacheDriver(size=200)]
     seconds = [[0.0], [1e6]]
     for driver, now in zip(drivers, seconds, strict=True):
-        table = driver.cache.workflows
-        driver.cache.workflows = WorkflowTable(
+        table = driver.cache.kvflow.workflows
+        driver.cache.kvflow.workflows = WorkflowTable(
             3600, 64, clock=lambda now=now: now[0], max_agents=table.max_agents
         )
     for turn in range(30):
@@ -103,7 +103,7 @@ def test_two_caches_fed_the_same_hints_order_alike_whatever_their_wall_clocks():
     next_uses = [
         {
             (w.workflow_id, a.agent_id): a.next_use
-            for w in d.cache.workflows.workflows()
+            for w in d.cache.kvflow.workflows.workflows()
             for a in w.agents.values()
         }
         for d in drivers

@@ -54,16 +54,16 @@ def _lockstep(seed: int, page_size: int, urgency: str, monkeypatch: pytest.Monke
             hits = [d.cached_len(probe) for d in drivers]
         elif roll < 0.8:  # a steps change from outside a request
             steps = {agent: rng.randint(0, 9)}
-            hits = [d.cache.set_steps(workflow, steps) for d in drivers]
+            hits = [d.cache.kvflow.set_steps(workflow, steps) for d in drivers]
         elif roll < 0.9:  # a big un-hinted request: evicts owned and un-owned nodes
             tokens = [rng.randint(3000, 3050) for _ in range(rng.randint(70, 124))]
             hits = [d.serve(tokens) for d in drivers]
         elif roll < 0.95:  # an eviction on its own
             count = rng.randint(1, 40)
             hits = [d.cache.evict(EvictParams(num_tokens=count)).num_tokens_evicted for d in drivers]
-            drivers[0].cache.check_integrity()
+            drivers[0].cache.kvflow.check_integrity()
         else:
-            hits = [d.cache.end_workflow(workflow) for d in drivers]
+            hits = [d.cache.kvflow.end_workflow(workflow) for d in drivers]
         assert hits[0] == hits[1], f"step {step}"
         if page_size == 1:
             assert drivers[0].allocator.freed == drivers[1].allocator.freed, f"step {step}"
@@ -112,7 +112,7 @@ def _priorities_per_eviction(leaves: int, evictions: int = 50) -> tuple[float, f
             assert driver.cache.evict(EvictParams(num_tokens=8)).num_tokens_evicted == 8
         per_batch.append(computed[0] / evictions)
     victims.priority = priority
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()
     return per_batch[0], per_batch[1]
 
 
@@ -141,7 +141,7 @@ def test_the_heap_is_kept_only_where_priorities_only_grow_between_next_use_chang
     tree = driver.cache.tree_core
     assert (tree.ownership.victims is not None) == kept
     assert sum(c["nodes"] for c in tree.kvflow_evictions["device"].values())  # it evicted either way
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()
 
 
 def _corrupt_missing(victims, leaf):
@@ -163,10 +163,10 @@ def _corrupt_above(victims, leaf):
 def test_the_integrity_check_catches_a_broken_victim_heap(corrupt, message):
     driver = _fan(6)
     victims = driver.cache.tree_core.ownership.victims
-    driver.cache.check_integrity()
+    driver.cache.kvflow.check_integrity()
     corrupt(victims, next(iter(victims.leaves)))
     with pytest.raises(AssertionError, match=message):
-        driver.cache.check_integrity()
+        driver.cache.kvflow.check_integrity()
 
 
 def test_the_heap_is_rebuilt_so_it_stays_proportional_to_the_leaves():
@@ -176,9 +176,9 @@ def test_the_heap_is_rebuilt_so_it_stays_proportional_to_the_leaves():
     sizes = []
     for _ in range(2000):  # steps changes and touches, each pushing an entry
         agent = rng.randrange(50)
-        cache.set_steps(f"wf{agent // 64}", {f"a{agent % 64}": rng.randint(0, 99)})
+        cache.kvflow.set_steps(f"wf{agent // 64}", {f"a{agent % 64}": rng.randint(0, 99)})
         driver.cached_len(list(range(1, 9)) + [10 * (rng.randrange(50) + 1) + j for j in range(8)])
         sizes.append(len(victims.heap))
     assert max(sizes) <= 2 * len(victims.leaves) + 65
     assert len(victims.leaves) == 50
-    cache.check_integrity()
+    cache.kvflow.check_integrity()

@@ -136,10 +136,10 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
     assert len({id(owner) for owner in owners}) == len(owners), "an agent owns two nodes (or one twice)"
     if tree.ownership.victims is not None:
         tree.ownership.victims.check(tree.evictable_device_leaves)
-    cache.workflows.check()
+    cache.kvflow.workflows.check()
 
     in_tree = {id(node) for node in nodes}
-    tracked = [agent for workflow in cache.workflows.workflows() for agent in workflow.agents.values()]
+    tracked = [agent for workflow in cache.kvflow.workflows.workflows() for agent in workflow.agents.values()]
     assert {id(owner) for owner in owners} <= {id(agent) for agent in tracked}, (
         "a node is owned by an agent the workflow table no longer tracks"
     )

@@ -79,9 +79,8 @@ class Prefetcher:
     waiting: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.watch(
-            agent for workflow in self.cache.workflows.workflows() for agent in workflow.agents.values()
-        )
+        workflows = self.cache.kvflow.workflows.workflows()
+        self.watch(agent for workflow in workflows for agent in workflow.agents.values())
 
     def watch(self, agents: Iterable[AgentState]) -> None:
         """Note agents whose steps just changed (the cache calls this for every change)."""

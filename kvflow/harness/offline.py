@@ -28,7 +28,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvflow.cache.eviction import POLICY_NAME, register_eviction_policy
 from kvflow.cache.integrity import check_pool_accounting
-from kvflow.cache.radix_cache import WorkflowRadixCache
+from kvflow.cache.radix_cache import WorkflowRadixCache, workflow_cache
 from kvflow.cache.tree_core import register_tree_core
 from kvflow.hints import WorkflowHint
 
@@ -89,8 +89,9 @@ class CacheDriver:
 
     def check_accounting(self) -> None:
         """Pool accounting; for a ``WorkflowRadixCache``, its full ``check_integrity()``."""
-        if isinstance(self.cache, WorkflowRadixCache):
-            self.cache.check_integrity()
+        core = workflow_cache(self.cache)
+        if core is not None:
+            core.check_integrity()
         else:
             check_pool_accounting(self.cache)
 
@@ -110,8 +111,8 @@ class CacheDriver:
         With ``session_radix``, a ``session_id`` tags the inserted path as the
         scheduler does for a finished request of that session.
         """
-        cache, page = self.cache, self.page_size
-        agent = cache.observe_hint(hint, tokens) if hint is not None else None
+        cache, core, page = self.cache, workflow_cache(self.cache), self.page_size
+        agent = core.observe_hint(hint, tokens) if hint is not None else None
         generation = (
             cache.ensure_session_generation(session_id) if self.session_radix and session_id else None
         )
@@ -140,8 +141,8 @@ class CacheDriver:
         if aligned < len(tokens):
             self.allocator.free(new[aligned - hit :])
         if agent is not None:
-            cache.claim(agent, tokens)
-            cache.agent_finished(agent)
+            core.claim(agent, tokens)
+            core.agent_finished(agent)
         self.served += 1
         if self.served % self.check_every == 0:
             self.check_accounting()
