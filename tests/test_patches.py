@@ -312,3 +312,10 @@ def test_no_patch_imports_another_patch(name):
 def test_the_import_check_sees_every_spelling():
     source = "from kvflow.patches.a import x\nfrom kvflow.patches import b\nfrom . import c\nimport patches.d"
     assert {"kvflow.patches.a", "kvflow.patches.b", ".c", "patches.d"} <= imported_names(source)
+
+
+def test_the_cache_package_docstring_names_every_module():
+    import kvflow.cache
+
+    documented = set(re.findall(r"^- ``(\w+)``", kvflow.cache.__doc__, re.MULTILINE))
+    assert documented == {module.name for module in pkgutil.iter_modules(kvflow.cache.__path__)}
