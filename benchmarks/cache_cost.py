@@ -2,39 +2,17 @@
 
 ``python -m benchmarks.cache_cost [--sizes 1000 10000 100000] [--shapes fan grouped]``
 
-SGLang ships no micro-benchmark of the unified radix cache (its tests drive
-``UnifiedRadixCache`` directly: ``insert(InsertParams)``, ``match_prefix(MatchPrefixParams)``,
-``evict(EvictParams)`` on a real allocator), so this one drives exactly those calls, the way
-:class:`kvflow.harness.offline.CacheDriver` and the scheduler do, on three caches built from the
-same ``CacheInitParams``:
+SGLang ships no micro-benchmark of the unified radix cache (its tests drive ``UnifiedRadixCache``
+directly: ``insert(InsertParams)``, ``match_prefix(MatchPrefixParams)``, ``evict(EvictParams)`` on
+a real allocator), so this one drives exactly those calls, the way
+:class:`kvflow.harness.offline.CacheDriver` and the scheduler do, on caches built from the same
+``CacheInitParams`` (:class:`Subject`), in trees of one :class:`Shape`, timed by :func:`run_case`.
 
-- ``kvflow``: :class:`~kvflow.cache.WorkflowRadixCache` (Python core plus ownership
-  bookkeeping), every agent hinted (``observe_hint``, then ``claim`` and ``agent_finished`` after
-  its insert, as a finished request does);
-- ``python``: stock ``UnifiedRadixCache``, ``tree_core_backend="python"``, LRU;
-- ``rust``: stock ``UnifiedRadixCache``, ``tree_core_backend="rust"`` (SGLang's default core), LRU;
-  left out, with SGLang's own reason, where its registry falls back to Python.
-
-Tree shapes, ``N`` agents each with a 16-token fixed prompt (one node each):
-
-- ``fan``: one 32-token system prompt, every agent's prompt a child of it (``N`` siblings);
-- ``grouped``: the system prompt, then groups of 100 agents sharing a 16-token group prompt.
-
-Operations, each timed alone (``perf_counter_ns``) and interleaved across the caches (op ``i`` on
-every cache, in a rotating order, before op ``i + 1``), the pool full after the build:
-
-- ``match``: ``match_prefix`` of an agent's prompt plus 8 unseen tokens;
-- ``evict``: ``evict`` of 16 tokens (one agent's prompt; kvflow evicts a hinted, owned one);
-- ``insert``: ``insert`` of a new agent's prompt into the room the evictions made;
-- ``mixed``: one whole request of a known agent: (kvflow: ``observe_hint``) ``match_prefix``,
-  lock, ``evict`` the 16 tokens its new tail needs, allocate, unlock, ``insert`` prompt + tail,
-  (kvflow: ``claim``, ``agent_finished``);
-- ``hint`` (kvflow only, no stock equivalent): ``observe_hint`` of a known agent (its next use refreshed).
-
-The collector is off during builds and timings (for every cache alike). Reports ops/s
-(1 / mean) and p50 / p99 latency per op, and kvflow's ratio to each stock core, to
-``benchmarks/results/cache-cost.json`` and ``.md``; ``--before`` names an earlier report whose
-ratios the table shows beside the new ones, ``--note`` a line on how the run was made.
+- Each operation is timed alone and interleaved across the caches; the collector is off during
+  builds and timings (for every cache alike).
+- Reports ops/s (1 / mean) and p50 / p99 latency per op, and kvflow's ratio to each stock core, to
+  ``benchmarks/results/cache-cost.json`` and ``.md``; ``--before`` names an earlier report whose
+  ratios the table shows beside the new ones, ``--note`` a line on how the run was made.
 """
 
 from __future__ import annotations
@@ -77,7 +55,13 @@ OPS = ("match", "evict", "insert", "mixed")
 
 class Shape:
     """Token sequences of one tree shape; every id is unique to its segment, so no two agents share
-    more than the system (and group) prompt."""
+    more than the system (and group) prompt.
+
+    ``N`` agents each with a 16-token fixed prompt (one node each):
+
+    - ``fan``: one 32-token system prompt, every agent's prompt a child of it (``N`` siblings);
+    - ``grouped``: the system prompt, then groups of 100 agents sharing a 16-token group prompt.
+    """
 
     def __init__(self, name: str, agents: int) -> None:
         self.name = name
@@ -129,7 +113,16 @@ def _kvflow_config(agents: int):
 
 
 class Subject:
-    """One cache under test on its own pool."""
+    """One cache under test on its own pool.
+
+    - ``kvflow``: :class:`~kvflow.cache.WorkflowRadixCache` (Python core plus ownership
+      bookkeeping), every agent hinted (``observe_hint``, then ``claim`` and ``agent_finished``
+      after its insert, as a finished request does);
+    - ``python``: stock ``UnifiedRadixCache``, ``tree_core_backend="python"``, LRU;
+    - ``rust``: stock ``UnifiedRadixCache``, ``tree_core_backend="rust"`` (SGLang's default core),
+      LRU; left out, with SGLang's own reason, where its registry falls back to Python
+      (:func:`rust_unavailable`).
+    """
 
     def __init__(self, name: str, pool: int, shape: Shape) -> None:
         self.name, self.shape = name, shape
@@ -217,7 +210,20 @@ def _summary(samples: list[int]) -> dict[str, float]:
 
 
 def run_case(shape_name: str, agents: int, ops: int, with_rust: bool) -> dict[str, Any]:
-    """Build the three trees for one shape and size, then time every operation."""
+    """Build the three trees for one shape and size, then time every operation.
+
+    Each operation is timed alone (``perf_counter_ns``) and interleaved across the caches (op ``i``
+    on every cache, in a rotating order, before op ``i + 1``), the pool full after the build:
+
+    - ``match``: ``match_prefix`` of an agent's prompt plus 8 unseen tokens;
+    - ``evict``: ``evict`` of 16 tokens (one agent's prompt; kvflow evicts a hinted, owned one);
+    - ``insert``: ``insert`` of a new agent's prompt into the room the evictions made;
+    - ``mixed``: one whole request of a known agent: (kvflow: ``observe_hint``) ``match_prefix``,
+      lock, ``evict`` the 16 tokens its new tail needs, allocate, unlock, ``insert`` prompt + tail,
+      (kvflow: ``claim``, ``agent_finished``);
+    - ``hint`` (kvflow only, no stock equivalent): ``observe_hint`` of a known agent (its next use
+      refreshed).
+    """
     names = ["kvflow", "python"] + (["rust"] if with_rust else [])
     evict_ops = max(20, min(ops, agents // 10, 2_000_000 // agents))  # each is O(leaves) in SGLang
     # Inserts are cheap: their room is the timed evictions' topped up by one untimed eviction.

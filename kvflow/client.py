@@ -1,41 +1,17 @@
 """Client SDK: run one workflow against a kvflow server, hints attached to every call.
 
-:class:`Workflow` (blocking) and :class:`AsyncWorkflow` (``asyncio``) wrap one
-workflow instance. Built from an :class:`~kvflow.graph.AgentStepGraph`, they
-register it with ``POST /kvflow/workflows`` before the first call, so every
-call only needs to name its agent: the server derives the steps-to-execution
-from the graph and the requests it sees. Built without a graph, they send
-``workflow_id`` and ``agent_id`` only (the server learns the structure with
-``--kvflow-learn-graph``, or keeps plain LRU order for the workflow). Closing
-(or leaving the ``with`` block) ends the workflow: ``DELETE`` makes its KV
-plain LRU at once.
+:class:`Workflow` (blocking) and :class:`AsyncWorkflow` (``asyncio``) wrap one workflow instance,
+one method per call style: :meth:`Workflow.generate` (SGLang's ``/generate`` with ``text`` or
+``input_ids``), :meth:`Workflow.chat` and :meth:`Workflow.completion` (the stock ``openai``
+client, given or built from ``url``; ``extra_body`` carries the hint). Usage: docs/design.md,
+"Client SDK and LangGraph in detail".
 
-One method per call style:
-
-* :meth:`Workflow.generate`: SGLang's ``/generate`` with ``text`` or ``input_ids``;
-* :meth:`Workflow.chat` and :meth:`Workflow.completion`: the stock ``openai``
-  client (``extra_body`` carries the hint), given or built from ``url``.
-
-Every request carries the hint as ``session_params.kvflow`` and the workflow
-id as the ``X-SMG-Routing-Key`` header. That is what SGLang's router
-(``sglang-router``, ``smg``) forwards on all three endpoints (it drops other
-body fields and headers), and its ``--policy manual`` keeps every request with
-one key on one server; a server reached directly reads the same form. Behind a
-router (``router=True``) nothing but those three endpoints reaches a server:
-the graph rides in every request (``session_params.kvflow_graph``, registered
-idempotently by whichever server gets it, also the one a failed server's
-workflows move to), ``/tokenize`` is not probed, and :meth:`Workflow.close`
-cannot end the workflow (it expires after the server's ``--kvflow-hint-ttl``);
-``set_frontier`` and ``info`` need the server's URL.
-
-Fixed-prompt boundary (``fixed_prefix``): an ``int`` is a token count; a
-string (text prompts) is the agent's fixed text, which must start the prompt;
-``"system"`` (chat, the default) is the leading system/developer messages.
-Strings and system messages are measured once per distinct value with the
-server's ``/tokenize``, as the longest token prefix shared by two renderings
-that differ right after the fixed part. ``None``, or a server without
-``/tokenize``, leaves the boundary to the server, which infers it from the
-prefix the agent's requests repeat.
+- A graph is registered before the first call, so each call only names its agent; closing (or
+  leaving the ``with`` block) ends the workflow.
+- Every request carries the hint as ``session_params.kvflow`` and the workflow id as the
+  ``X-SMG-Routing-Key`` header, the form SGLang's router forwards (``router=True`` behind one).
+- ``fixed_prefix`` marks the agent's fixed prompt, measured once per distinct value with the
+  server's ``/tokenize`` or left to the server. Details: :class:`Workflow`.
 """
 
 from __future__ import annotations
@@ -233,10 +209,33 @@ class _WorkflowBase:
 class Workflow(_WorkflowBase):
     """One workflow instance on a kvflow server (blocking calls).
 
-    ``graph`` is registered before the first call (omit it for the learned or
-    plain mode); ``workflow_id`` defaults to ``"<workflow_type>:<random>"``,
-    so that learned workflows of one type share what the server learns.
-    ``openai_client`` defaults to an ``openai.OpenAI`` for ``url``.
+    ``graph`` (an :class:`~kvflow.graph.AgentStepGraph`) is registered with ``POST
+    /kvflow/workflows`` before the first call, so every call only needs to name its agent: the
+    server derives the steps-to-execution from the graph and the requests it sees. Without a graph
+    (the learned or plain mode) calls send ``workflow_id`` and ``agent_id`` only: the server
+    learns the structure with ``--kvflow-learn-graph``, or keeps plain LRU order for the workflow.
+    ``workflow_id`` defaults to ``"<workflow_type>:<random>"``, so that learned workflows of one
+    type share what the server learns. ``openai_client`` defaults to an ``openai.OpenAI`` for
+    ``url``. Closing (or leaving the ``with`` block) ends the workflow: ``DELETE`` makes its KV
+    plain LRU at once.
+
+    Routing: every request carries the hint as ``session_params.kvflow`` and the workflow id as
+    the ``X-SMG-Routing-Key`` header. That is what SGLang's router (``sglang-router``, ``smg``)
+    forwards on all three endpoints (it drops other body fields and headers), and its ``--policy
+    manual`` keeps every request with one key on one server; a server reached directly reads the
+    same form. Behind a router (``router=True``) nothing but those three endpoints reaches a
+    server: the graph rides in every request (``session_params.kvflow_graph``, registered
+    idempotently by whichever server gets it, also the one a failed server's workflows move to),
+    ``/tokenize`` is not probed, and :meth:`close` cannot end the workflow (it expires after the
+    server's ``--kvflow-hint-ttl``); :meth:`set_frontier` and :meth:`info` need the server's URL.
+
+    Fixed-prompt boundary (``fixed_prefix``): an ``int`` is a token count; a string (text prompts)
+    is the agent's fixed text, which must start the prompt; ``"system"`` (chat, the default) is
+    the leading system/developer messages. Strings and system messages are measured once per
+    distinct value with the server's ``/tokenize``, as the longest token prefix shared by two
+    renderings that differ right after the fixed part. ``None``, or a server without
+    ``/tokenize``, leaves the boundary to the server, which infers it from the prefix the agent's
+    requests repeat.
     """
 
     def __init__(self, url: str, graph: AgentStepGraph | None = None, **options: Any) -> None:

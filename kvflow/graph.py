@@ -1,33 +1,16 @@
 """Agent Step Graph and steps-to-execution values (KVFlow, arXiv 2507.07400).
 
-Agents are vertices; an edge ``u -> v`` means ``v`` may run after ``u``. Each
-agent has a join kind that says how it waits for its predecessors:
+Agents are vertices; an edge ``u -> v`` means ``v`` may run after ``u``. Each agent has a join kind
+that says how it waits for its predecessors. :meth:`AgentStepGraph.steps_to_execution` simulates
+the workflow step by step from its running and just finished agents (the rules in full are in its
+docstring) and says in how many steps each agent next executes.
 
-* ``"and"``: it runs after all of its *pending* predecessors have run
-  (parallel fan-in, the value is ``max(preds) + 1``).
-* ``"or"``: it runs after any predecessor has run (conditional branches,
-  the value is ``min(preds) + 1``).
-
-``"and"`` is the default because, with the pending rule below, a loop head
-only waits for predecessors that can still run before it, so plain loops need
-no declaration; agents that merge alternative branches should declare ``"or"``.
-
-``steps_to_execution`` is defined by a discrete-time simulation:
-
-* At step 0 the *seeds* execute: the ``running`` agents and the just
-  ``finished`` ones (a finished agent has just executed, so its successors are
-  next, at step 1, whether or not other agents are still running).
-* A non-running agent executes at the first step ``s >= 1`` at which its join
-  holds, counting executions of predecessors at steps ``0 .. s-1``. For an
-  AND-join the pending predecessors are those reachable from a seed by a path
-  that does not enter the join itself: predecessors outside the current run
-  (unreachable entry agents) or only reachable around a loop through the join
-  are treated as already done. An AND-join with no pending predecessor never
-  runs.
-* An agent's value is 0 if it is running, else the first step ``s >= 1`` at
-  which it executes; agents that never execute are absent. A finished agent
-  therefore only has a value when a loop leads back to it, and it is then the
-  farthest agent on that loop.
+- ``"and"``: it runs after all of its *pending* predecessors have run (parallel fan-in, the value
+  is ``max(preds) + 1``). It is the default because, with the pending rule, a loop head only
+  waits for predecessors that can still run before it, so plain loops need no declaration.
+- ``"or"``: it runs after any predecessor has run (conditional branches, the value is
+  ``min(preds) + 1``); agents that merge alternative branches should declare it.
+- A running agent's value is 0; agents that never execute are absent.
 """
 
 from __future__ import annotations
@@ -118,7 +101,20 @@ class AgentStepGraph:
                 raise GraphError(f"agent {agent_id!r} declares join {join!r} but has no predecessors")
 
     def steps_to_execution(self, running: Iterable[str], finished: Iterable[str] = ()) -> dict[str, int]:
-        """Steps until each agent next executes (see the module docstring).
+        """Steps until each agent next executes, defined by a discrete-time simulation.
+
+        - At step 0 the *seeds* execute: the ``running`` agents and the just ``finished`` ones (a
+          finished agent has just executed, so its successors are next, at step 1, whether or not
+          other agents are still running).
+        - A non-running agent executes at the first step ``s >= 1`` at which its join holds,
+          counting executions of predecessors at steps ``0 .. s-1``. For an AND-join the pending
+          predecessors are those reachable from a seed by a path that does not enter the join
+          itself: predecessors outside the current run (unreachable entry agents) or only
+          reachable around a loop through the join are treated as already done. An AND-join with
+          no pending predecessor never runs.
+        - An agent's value is 0 if it is running, else the first step ``s >= 1`` at which it
+          executes; agents that never execute are absent. A finished agent therefore only has a
+          value when a loop leads back to it, and it is then the farthest agent on that loop.
 
         Costs O(V + E) plus one graph search per AND-join with several predecessors.
         """

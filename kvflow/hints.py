@@ -6,23 +6,14 @@ A hint is a JSON object::
      "fixed_prefix_len": 812,                       # optional
      "steps_to_execution": {"planner": 0, "coder": 1}}  # optional
 
-Clients send it as a top-level ``kvflow`` field (``/generate`` and the OpenAI
-endpoints), as ``custom_params.kvflow`` (OpenAI endpoints), as an action of
-``action_type`` ``"kvflow"`` inside SGLang's ``kv_hints`` envelope
-(``/generate``), or as ``session_params.kvflow`` (:data:`ROUTED_FIELD`, all
-three endpoints: the one field SGLang's router forwards on each of them, where
-:data:`GRAPH_KEY` beside it may carry the workflow's graph to register).
-The HTTP layer validates it with :func:`parse_hint` and hands it to the
-scheduler as a canonical JSON string under
-``sampling_params.custom_params["kvflow"]`` (:data:`TRANSPORT_KEY`), the one
-request field SGLang carries unchanged from every endpoint to ``Req``.
-
-A client could write that transport form itself, on an endpoint kvflow does not
-read hints on, or with its key JSON-escaped. So the HTTP layer also writes
-:data:`SEAL_KEY` beside it, holding a secret of this process
-(:func:`transport`); :func:`check_transport` refuses any transport without it
-before SGLang tokenizes the request. The scheduler's :func:`decode_transport`
-never raises: whatever it cannot read is an un-hinted request.
+- Clients send it in one of the forms of docs/design.md, "Hint rules", or as
+  ``session_params.kvflow`` (:data:`ROUTED_FIELD`; see :func:`parse_hint`).
+- The HTTP layer validates it (:func:`parse_hint`) and hands it to the scheduler as a canonical
+  JSON string under ``sampling_params.custom_params["kvflow"]`` (:data:`TRANSPORT_KEY`), the one
+  request field SGLang carries unchanged from every endpoint to ``Req``.
+- A transport is accepted only with the seal the HTTP layer writes beside it (:func:`check_transport`).
+- The scheduler's :func:`decode_transport` never raises: whatever it cannot read is an un-hinted
+  request.
 """
 
 from __future__ import annotations
@@ -113,7 +104,12 @@ def _check_count(value: Any, name: str) -> int:
 def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = NAME) -> WorkflowHint:
     """Validate a hint object; raise :class:`HintError` naming the first bad field.
 
-    ``prompt_len``, when known, bounds ``fixed_prefix_len``.
+    ``prompt_len``, when known, bounds ``fixed_prefix_len``. Clients send a hint as a top-level
+    ``kvflow`` field (``/generate`` and the OpenAI endpoints), as ``custom_params.kvflow`` (OpenAI
+    endpoints), as an action of ``action_type`` ``"kvflow"`` inside SGLang's ``kv_hints``
+    envelope (``/generate``), or as ``session_params.kvflow`` (:data:`ROUTED_FIELD`, all three
+    endpoints: the one field SGLang's router forwards on each of them, where :data:`GRAPH_KEY`
+    beside it may carry the workflow's graph to register).
     """
     if not isinstance(raw, Mapping):
         raise HintError(prefix, f"must be a JSON object, got {type(raw).__name__}")
@@ -165,7 +161,13 @@ def transport(hint: WorkflowHint) -> dict[str, Any]:
 
 
 def check_transport(custom_params: Any, prefix: str = f"custom_params.{NAME}") -> WorkflowHint | None:
-    """The hint of a request about to be tokenized; :class:`HintError` unless kvflow's HTTP layer wrote it."""
+    """The hint of a request about to be tokenized; :class:`HintError` unless kvflow's HTTP layer wrote it.
+
+    A client could write the transport form itself, on an endpoint kvflow does not read hints
+    on, or with its key JSON-escaped. So the HTTP layer also writes :data:`SEAL_KEY` beside it,
+    holding a secret of this process (:func:`transport`); a transport without it is refused
+    here, before SGLang tokenizes the request.
+    """
     if not isinstance(custom_params, Mapping) or TRANSPORT_KEY not in custom_params:
         return None
     encoded = custom_params[TRANSPORT_KEY]

@@ -1,28 +1,16 @@
 """Patch: with data parallelism, every request of a workflow goes to one DP rank.
 
-Targets (both in SGLang's DP controller process, the one place every tokenized
-request passes through on its way to a rank):
+Both hooks run in SGLang's DP controller process, the one place every tokenized request passes
+through on its way to a rank; the rank table is :class:`WorkflowRanks`.
 
-* ``DataParallelController.dispatching_with_trace`` (a BEFORE hook): a request
-  carrying a kvflow hint (``sampling_params.custom_params["kvflow"]``, the
-  transport the HTTP layer writes on all three endpoints and for registered
-  workflows) gets ``routed_dp_rank`` set to its workflow's rank, which SGLang's
-  own dispatch then honours (``maybe_external_dp_rank_routing``). A workflow
-  seen for the first time goes to the active rank with the fewest running and
-  waiting requests (the schedulers' load snapshots), ties broken by fewer
-  workflows already pinned there; afterwards it sticks to that rank, so each
-  fixed prompt is computed on one rank only. A request that already names a
-  ``routed_dp_rank`` keeps it, requests without a hint keep SGLang's dispatch
-  exactly, and under ``follow_bootstrap_room`` (a PD prefill server, whose
-  rank pairs with the decode side) nothing is pinned.
-* ``DataParallelController.send_control_message`` (a BEFORE hook): an ``end``
-  command (``DELETE /kvflow/workflows/{id}``) forgets the workflow's rank.
-  SGLang sends every internal-state request, kvflow's commands included, to
-  every rank; ranks that do not track the workflow ignore the command.
-
-The rank table is bounded like the cache's workflow table: at most
-``--kvflow-max-workflows`` entries, each forgotten after ``--kvflow-hint-ttl``
-seconds without a request.
+- A hinted workflow's requests all go to one rank, the least loaded at first sight, so each fixed
+  prompt is computed on one rank only; every other request keeps SGLang's dispatch exactly.
+- The rank table is bounded like the cache's workflow table: at most ``--kvflow-max-workflows``
+  entries, each forgotten after ``--kvflow-hint-ttl`` seconds without a request.
+- Target ``DataParallelController.dispatching_with_trace`` (BEFORE, :func:`_pin_to_workflow_rank`):
+  sets a hinted request's ``routed_dp_rank`` to its workflow's rank.
+- Target ``DataParallelController.send_control_message`` (BEFORE,
+  :func:`_forget_ended_workflows`): an ``end`` command forgets the workflow's rank.
 """
 
 from __future__ import annotations
@@ -45,7 +33,12 @@ CONTROLLER_ATTRIBUTES = ("load_balance_method", "_active_workers", "load_snapsho
 
 
 class WorkflowRanks:
-    """The DP rank of each workflow: the least loaded at first sight, then sticky."""
+    """The DP rank of each workflow: the least loaded at first sight, then sticky.
+
+    A workflow seen for the first time goes to the active rank with the fewest running and
+    waiting requests (the schedulers' load snapshots), ties broken by fewer workflows already
+    pinned there; afterwards it sticks to that rank.
+    """
 
     def __init__(self, capacity: int, ttl: float, clock: Callable[[], float] | None = None) -> None:
         extra = {} if clock is None else {"clock": clock}
@@ -128,6 +121,15 @@ def _requests_per_rank(controller: Any) -> dict[int, int]:
 
 
 def _pin_to_workflow_rank(controller, req, *args, **kwargs) -> None:
+    """Set a hinted request's ``routed_dp_rank`` to its workflow's rank (:class:`WorkflowRanks`).
+
+    A request carrying a kvflow hint (``sampling_params.custom_params["kvflow"]``, the transport
+    the HTTP layer writes on all three endpoints and for registered workflows) gets its
+    workflow's rank, which SGLang's own dispatch then honours (``maybe_external_dp_rank_routing``).
+    A request that already names a ``routed_dp_rank`` keeps it, requests without a hint keep
+    SGLang's dispatch exactly, and under ``follow_bootstrap_room`` (a PD prefill server, whose
+    rank pairs with the decode side) nothing is pinned.
+    """
     from sglang.srt.managers.data_parallel_controller import LoadBalanceMethod
 
     if (
@@ -143,6 +145,11 @@ def _pin_to_workflow_rank(controller, req, *args, **kwargs) -> None:
 
 
 def _forget_ended_workflows(controller, obj, *args, **kwargs) -> None:
+    """Forget the rank of each workflow an ``end`` command (``DELETE /kvflow/workflows/{id}``) ends.
+
+    SGLang sends every internal-state request, kvflow's commands included, to every rank; ranks
+    that do not track the workflow ignore the command.
+    """
     from sglang.srt.managers.io_struct import SetInternalStateReq
 
     if isinstance(obj, SetInternalStateReq):

@@ -1,47 +1,28 @@
 """Patch: emulate the host<->device link of the CPU host tier (``--kvflow-emulate-link-gbps``).
 
-On the CPU host tier (``cpu_host_tier``) every HiCache copy is synchronous, so
-a load costs no more than a memory copy and overlap cannot show. With
-``--kvflow-emulate-link-gbps G`` (GB/s: 1e9 bytes per second) a transfer of B
-bytes still copies at once, data unchanged, but *completes* B / (G * 1e9)
-seconds after it starts on its link, and it starts when it is issued or when
-the transfer before it in the same direction completed, whichever is later
-(one FIFO link per direction). Completion is what SGLang observes through its
-events, which become :class:`LinkEvent`: ``query()`` is false until the
-deadline and ``synchronize()`` sleeps until it. The hooks are registered only
-when G > 0 (the launcher refuses the flag on a CUDA machine and without
-HiCache), and each acts only on the CPU direct/layer_first path of
-``cpu_host_tier`` (:func:`kvflow.cpu_kernels.direct_copy.cpu_direct_path`).
+On the CPU host tier (``cpu_host_tier``) every HiCache copy is synchronous, so a load costs no
+more than a memory copy and overlap cannot show. With ``--kvflow-emulate-link-gbps G`` (GB/s:
+1e9 bytes per second) a transfer still copies at once, data unchanged, but the events SGLang
+observes its completion through become :class:`LinkEvent`: ``query()`` is false until the
+deadline and ``synchronize()`` sleeps until it (docs/design.md, "Two tiers and prefetch").
 
-Targets (``TARGETS``, under ``sglang.srt``):
+- The hooks are registered only when G > 0 (the launcher refuses the flag on a CUDA machine and
+  without HiCache); each acts only on the CPU direct/layer_first path of ``cpu_host_tier``
+  (:func:`kvflow.cpu_kernels.direct_copy.cpu_direct_path`).
+- One FIFO link per direction (:class:`EmulatedLink`): a transfer of B bytes starts when it is
+  issued or when the one before it in its direction completed, whichever is later, and completes
+  B / (G * 1e9) seconds after it starts.
 
-- ``mem_cache.l2_transfer.L2TransferEngine.submit_device_to_host`` and
-  ``.submit_host_to_device`` (AROUND): every host tier copy (backups,
-  load-backs, a retraction's backup and restore) is booked on its direction's
-  link, for ``len(host_indices) * host_pool.size_per_token`` bytes (SGLang's
-  own byte count); the completion returned to the caller carries the link's
-  start and finish events. The controller's ack queues, reaped by
-  ``writing_check`` / ``loading_check`` only once ``query()`` is true, and the
-  allocator's transfer-done event get these, so a prefetch is acknowledged
-  (and the requests ``prefetch_hold`` holds are released) late, while the
-  scheduler goes on with other work.
-- ``managers.cache_controller.HiCacheController.start_loading`` (AROUND): a
-  load lands layer by layer, so the per-layer events of its
-  ``LayerDoneCounter`` producer slot get deadlines spread evenly over the
-  load's time on the link (layer i of L at start + (i + 1) / L of it; the last
-  one is the finish). One of the three producer slots is reused per load, and
-  ``update_producer`` asserts that the slot's previous load finished: before a
-  load starts, the hook waits for that emulated finish (only an on-demand load
-  can find all three slots busy; the prefetcher waits for a free one).
-- ``managers.cache_controller.LayerLoadingEvent.wait`` (AROUND): the forward
-  pass of a batch that consumes an on-demand load waits for each layer before
-  reading its KV (``LayerDoneCounter.wait_until`` from the KV pool's
-  ``get_key_buffer`` / ``get_value_buffer``). On CPU the stock wait is
-  ``torch.cpu.Stream.wait_event``, a no-op; the hook sleeps until that
-  layer's deadline.
-- ``mem_cache.l2_transfer.L2TransferEngine.__init__`` (AFTER): logs, when a
-  HiCache controller builds its CPU transfer engine at start-up, that the link
-  is emulated.
+Targets (``TARGETS``, under ``sglang.srt``; the detail is in each hook's docstring):
+
+- ``mem_cache.l2_transfer.L2TransferEngine.submit_device_to_host`` and ``.submit_host_to_device``
+  (AROUND, :func:`_delay_transfer`): every host tier copy is booked on its direction's link.
+- ``managers.cache_controller.HiCacheController.start_loading`` (AROUND,
+  :func:`_spread_load_over_layers`): a load lands layer by layer, its layers' deadlines spread.
+- ``managers.cache_controller.LayerLoadingEvent.wait`` (AROUND, :func:`_wait_for_layer`): the
+  forward pass waits for each layer's deadline (the stock CPU wait is a no-op).
+- ``mem_cache.l2_transfer.L2TransferEngine.__init__`` (AFTER, :func:`_announce`): logs at
+  start-up that the link is emulated.
 """
 
 from __future__ import annotations
@@ -107,6 +88,15 @@ def layer_events(start: float, finish: float, num_layers: int) -> list[LinkEvent
 
 
 def _delay_transfer(link: EmulatedLink, original, engine, transfers, **kwargs):
+    """Book every host tier copy (backups, load-backs, a retraction's backup and restore) on ``link``.
+
+    A copy counts ``len(host_indices) * host_pool.size_per_token`` bytes (SGLang's own byte
+    count); the completion returned to the caller carries the link's start and finish events.
+    The controller's ack queues, reaped by ``writing_check`` / ``loading_check`` only once
+    ``query()`` is true, and the allocator's transfer-done event get these, so a prefetch is
+    acknowledged (and the requests ``prefetch_hold`` holds are released) late, while the
+    scheduler goes on with other work.
+    """
     issued = time.monotonic()
     completion = original(engine, transfers, **kwargs)
     if not transfers or not all(cpu_direct_path(t.host_pool, engine.io_backend) for t in transfers):
@@ -117,6 +107,14 @@ def _delay_transfer(link: EmulatedLink, original, engine, transfers, **kwargs):
 
 
 def _spread_load_over_layers(original, controller):
+    """Give a load's per-layer events deadlines spread evenly over its time on the link.
+
+    A load lands layer by layer: the per-layer events of its ``LayerDoneCounter`` producer slot
+    get layer i of L at start + (i + 1) / L of the load (the last one is the finish). One of the
+    three producer slots is reused per load, and ``update_producer`` asserts that the slot's
+    previous load finished: before a load starts, this waits for that emulated finish (only an
+    on-demand load can find all three slots busy; the prefetcher waits for a free one).
+    """
     counter = controller.layer_done_counter
     if controller.load_queue:
         reused = counter.events[(counter.producer_index + 1) % counter.num_counters].finish_event
@@ -132,6 +130,12 @@ def _spread_load_over_layers(original, controller):
 
 
 def _wait_for_layer(original, layer_event, layer_index):
+    """Sleep until a layer's deadline before the forward pass reads its KV.
+
+    A batch that consumes an on-demand load waits for each layer (``LayerDoneCounter.wait_until``
+    from the KV pool's ``get_key_buffer`` / ``get_value_buffer``). On CPU the stock wait is
+    ``torch.cpu.Stream.wait_event``, a no-op.
+    """
     event = layer_event.load_events[layer_index]
     if isinstance(event, LinkEvent):
         event.synchronize()
@@ -139,6 +143,7 @@ def _wait_for_layer(original, layer_event, layer_index):
 
 
 def _announce(gbps: float, result, engine, *args, **kwargs):
+    """Log that the link is emulated, when a HiCache controller builds its CPU transfer engine."""
     if isinstance(engine.host_to_device_stream, torch.cpu.Stream):
         logger.warning(
             "kvflow: the CPU host tier's host<->device link is EMULATED at %g GB/s per direction "

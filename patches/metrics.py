@@ -1,24 +1,17 @@
 """Patch: kvflow's cache counters in SGLang's Prometheus ``/metrics`` (``--enable-metrics``).
 
-Targets (AFTER hooks in the scheduler process):
+:class:`KVFlowMetrics` exports the kvflow core's ``stats()`` summary (the one ``GET
+/kvflow/stats`` answers) as series beside one scheduler's SGLang metrics.
 
-- ``Scheduler.init_metrics_reporter``: where SGLang sets up its scheduler metrics,
-  once the tree cache exists. With ``--enable-metrics`` and the kvflow cache, a
-  :class:`KVFlowMetrics` is attached to the scheduler's ``SchedulerMetricsCollector``;
-  its series carry the collector's own labels (``model_name``, ``engine_type``,
-  ``tp_rank``, ``pp_rank``, ``moe_ep_rank``, ``dp_rank`` under DP, ``priority``
-  with priority scheduling, ``--extra-metric-labels``), so each series is this
-  scheduler's, on its own ranks.
-- ``SchedulerMetricsCollector.log_stats``: where SGLang pushes its scheduler gauges
-  (after each logged prefill batch, every ``--decode-log-interval`` decode steps,
-  and when idle at most every 30 s); the kvflow series are brought up to date there
-  from the kvflow core's ``stats()`` summary, the one ``GET /kvflow/stats`` answers.
-
-The series are made with SGLang's metric classes (prometheus_client, or the
-collector's own injected ones) in the default registry, which SGLang's
-multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) exports from the HTTP process.
-prometheus_client is imported only then, after SGLang set that directory.
-Without ``--enable-metrics`` SGLang makes no collector and nothing is created.
+- Without ``--enable-metrics`` SGLang makes no collector and nothing is created.
+- The series are made with SGLang's metric classes (prometheus_client, or the collector's own
+  injected ones) in the default registry, which SGLang's multiprocess mode
+  (``PROMETHEUS_MULTIPROC_DIR``) exports from the HTTP process; prometheus_client is imported
+  only then, after SGLang set that directory.
+- Target ``Scheduler.init_metrics_reporter`` (AFTER, :func:`_attach`): attaches the series,
+  labelled as this scheduler's, once the tree cache exists.
+- Target ``SchedulerMetricsCollector.log_stats`` (AFTER, :func:`_update`): brings them up to date
+  where SGLang pushes its scheduler gauges.
 """
 
 from __future__ import annotations
@@ -219,6 +212,14 @@ class KVFlowMetrics:
 
 
 def _attach(result, scheduler, *args, **kwargs):
+    """Attach a :class:`KVFlowMetrics` to the scheduler's ``SchedulerMetricsCollector``.
+
+    ``init_metrics_reporter`` is where SGLang sets up its scheduler metrics, once the tree cache
+    exists; this acts with ``--enable-metrics`` and the kvflow cache. The series carry the
+    collector's own labels (``model_name``, ``engine_type``, ``tp_rank``, ``pp_rank``,
+    ``moe_ep_rank``, ``dp_rank`` under DP, ``priority`` with priority scheduling,
+    ``--extra-metric-labels``), so each series is this scheduler's, on its own ranks.
+    """
     collector = scheduler.metrics_reporter.metrics_collector
     core = workflow_cache(scheduler.tree_cache)
     if collector is not None and core is not None:
@@ -229,6 +230,11 @@ def _attach(result, scheduler, *args, **kwargs):
 
 
 def _update(result, collector, *args, **kwargs):
+    """Bring the kvflow series up to date from the kvflow core's ``stats()`` summary.
+
+    ``log_stats`` is where SGLang pushes its scheduler gauges: after each logged prefill batch,
+    every ``--decode-log-interval`` decode steps, and when idle at most every 30 s.
+    """
     metrics = getattr(collector, "kvflow_metrics", None)
     if metrics is not None:
         metrics.update()

@@ -1,21 +1,15 @@
 """Patch: hold back waiting requests whose prompt is still being prefetched.
 
-Target: ``Scheduler.get_new_batch_prefill`` (an AROUND hook). While a kvflow
-prefetch (``kvflow.cache.prefetch``) is in flight, its nodes already carry device
-indices but their KV has not landed. Requests whose prompt runs through them
-are taken out of the waiting queue for this scheduling pass and put back at its
-head afterwards, so they are neither dispatched on unfinished KV nor trigger a
-second load; once the load is acknowledged they are matched again and use it.
-The cache counts each held request once (``prefetch.held`` in the stats).
-The same hook tells the cache how many tokens the scheduler's requests will
-still take: what the running ones may decode (SGLang's own estimate, as its
-``PrefillAdder`` reserves them) plus what the waiting ones will prefill and
-decode; a prefetch takes room only where all of that leaves some, or the
-prompt it loads is evicted again before its request comes.
-The queue is filtered in place because other scheduler parts hold the list,
-and the held requests go back into ``scheduler.waiting_queue`` as it is after
-the call: when a batch forms, SGLang replaces the list with a new one
-(``self.waiting_queue = [x for x in self.waiting_queue if x not in can_run_set]``).
+While a kvflow prefetch (``kvflow.cache.prefetch``) is in flight, its nodes already carry device
+indices but their KV has not landed. One hook, on ``Scheduler.get_new_batch_prefill`` (AROUND,
+:func:`_hold_prefetching`), keeps such requests out of the scheduling pass and tells the cache
+how much room the scheduler's requests will still take.
+
+- A held request is neither dispatched on unfinished KV nor triggers a second load; once the
+  load is acknowledged it is matched again and uses it. The cache counts each held request once
+  (``prefetch.held`` in the stats).
+- A prefetch takes room only where the running and waiting requests leave some, or the prompt
+  it loads is evicted again before its request comes.
 """
 
 from __future__ import annotations
@@ -59,6 +53,19 @@ def waiting_demand(waiting_queue: list, new_token_ratio: float) -> float:
 
 
 def _hold_prefetching(original, scheduler, *args, **kwargs):
+    """Run a scheduling pass without the requests whose prompt runs through an unlanded prefetch.
+
+    They are taken out of the waiting queue for this pass and put back at its head afterwards.
+    The queue is filtered in place because other scheduler parts hold the list, and the held
+    requests go back into ``scheduler.waiting_queue`` as it is after the call: when a batch forms,
+    SGLang replaces the list with a new one
+    (``self.waiting_queue = [x for x in self.waiting_queue if x not in can_run_set]``).
+
+    It also tells the cache how many tokens the scheduler's requests will still take: what the
+    running ones may decode (SGLang's own estimate, as its ``PrefillAdder`` reserves them,
+    :func:`running_growth`) plus what the waiting ones will prefill and decode
+    (:func:`waiting_demand`).
+    """
     core = workflow_cache(scheduler.tree_cache)
     if core is not None:
         running_batch = args[0] if args else kwargs.get("running_batch")

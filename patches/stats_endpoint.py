@@ -1,20 +1,15 @@
 """Patch: ``GET /kvflow/stats``, the workflow cache's counters.
 
-Targets: ``SchedulerInternalStateController.get_internal_state`` (an AFTER
-hook in the scheduler process adds the kvflow core's ``stats()`` to the
-internal-state reply SGLang already sends to the HTTP process) and the FastAPI
-``app`` of ``sglang.srt.entrypoints.http_server`` (the route that asks for it).
+The cache lives in the scheduler process, so its counters ride SGLang's internal-state request;
+the query format is :mod:`kvflow.stats_query`.
 
-The default answer is a bounded summary. ``?workflow_id=ID`` adds one page of
-that workflow's agents, ``?detail=workflows`` one page of the tracked
-workflows (both paged by ``offset`` and ``limit``). The page asked for rides
-to the scheduler in the request's ``rid`` (``GetInternalStateReq`` has no
-other field; SGLang sends these requests one at a time and does not read
-their ``rid``).
-
-With data parallelism every DP rank has its own cache and answers: the route
-returns ``{"ranks": [...]}``, one summary per rank in rank order, each
-labelled ``dp_rank`` (the index SGLang's DP controller routes by).
+- The default answer is a bounded summary; ``?workflow_id=ID`` and ``?detail=workflows`` add one
+  page of detail (:func:`kvflow_stats`).
+- With data parallelism every DP rank answers for its own cache.
+- Target ``SchedulerInternalStateController.get_internal_state`` (AFTER, in the scheduler
+  process, :func:`_add_kvflow_stats`): adds the kvflow core's ``stats()`` to the reply.
+- Target: the FastAPI ``app`` of ``sglang.srt.entrypoints.http_server`` (:func:`install`): the
+  route that asks for it.
 """
 
 from __future__ import annotations
@@ -38,6 +33,11 @@ ROUTE = STATS_ROUTE
 
 
 def _add_kvflow_stats(result, controller, recv_req=None, *args, **kwargs):
+    """Add the kvflow core's ``stats()`` to the internal-state reply SGLang sends the HTTP process.
+
+    The page asked for rides in the request's ``rid`` (``GetInternalStateReq`` has no other
+    field; SGLang sends these requests one at a time and does not read their ``rid``).
+    """
     from kvflow.patches import active_patches
     from sglang.srt.runtime_context import get_parallel
 
@@ -62,7 +62,13 @@ def register_hooks() -> None:
 
 
 async def kvflow_stats(request: Request) -> ORJSONResponse:
-    """Cache counters from every scheduler (one per DP rank), with a page of detail on request."""
+    """Cache counters from every scheduler (one per DP rank), with a page of detail on request.
+
+    ``?workflow_id=ID`` adds one page of that workflow's agents, ``?detail=workflows`` one page of
+    the tracked workflows (both paged by ``offset`` and ``limit``). With data parallelism every DP
+    rank has its own cache and answers: the route returns ``{"ranks": [...]}``, one summary per
+    rank in rank order, each labelled ``dp_rank`` (the index SGLang's DP controller routes by).
+    """
     from sglang.srt.entrypoints.http_server import _global_state
     from sglang.srt.managers.io_struct import GetInternalStateReq
 

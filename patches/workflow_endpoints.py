@@ -1,24 +1,16 @@
 """Patch: ``/kvflow/workflows``, workflows registered on the server.
 
-Targets:
+The registry the routes manage lives in the HTTP process (:mod:`kvflow.frontend.registry`); the
+hint middleware asks it to complete every hinted request. The cache lives in the scheduler, so
+what it must learn (an ended workflow, a moved frontier, the time) rides kvflow commands
+(:mod:`kvflow.control`) in SGLang's internal-state update, the RPC that reaches it.
 
-* the FastAPI ``app`` of ``sglang.srt.entrypoints.http_server``: the routes
-  ``POST /kvflow/workflows`` (register ``{workflow_id, graph}``),
-  ``GET | PATCH | DELETE /kvflow/workflows/{workflow_id}`` (inspect, move the
-  frontier, end). They are plain routes, so SGLang's ``--api-key`` middleware
-  guards them like ``/generate``. The registry they manage lives in the HTTP
-  process (:mod:`kvflow.frontend.registry`); the hint middleware asks it to
-  complete every hinted request.
-* ``SchedulerInternalStateController.set_internal_state`` (an AROUND hook in
-  the scheduler process): the cache lives in the scheduler, and SGLang's
-  internal-state update is the RPC that reaches it from the HTTP process.
-  kvflow commands (:mod:`kvflow.control`) ride in its ``server_args`` map;
-  the hook pops them before SGLang validates the rest and applies them to the
-  cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
-  ``WorkflowCache.end_workflow``), ``steps`` (a moved frontier: after a
-  ``PATCH``, and after each response of a registered or learned workflow) and
-  ``clock`` (expire stale workflows). Every command carries the HTTP process's
-  time (``at``); the app's lifespan sends a ``clock`` command every quarter TTL.
+- Every command carries the HTTP process's time (``at``); the app's lifespan sends a ``clock``
+  command every quarter TTL (:func:`clock_period`), so hints expire while no request comes.
+- Target: the FastAPI ``app`` of ``sglang.srt.entrypoints.http_server`` (:func:`install`): plain
+  routes, so SGLang's ``--api-key`` middleware guards them like ``/generate``.
+- Target: ``SchedulerInternalStateController.set_internal_state`` (AROUND, in the scheduler
+  process, :func:`_run_kvflow_commands`): pops the kvflow commands and applies them to the cache.
 """
 
 from __future__ import annotations
@@ -73,7 +65,13 @@ def _apply_command(cache: Any, key: str) -> bool:
 
 
 def _run_kvflow_commands(original, controller, recv_req, *args, **kwargs):
-    """Apply and remove the kvflow keys of a ``SetInternalStateReq``; SGLang handles the rest."""
+    """Apply and remove the kvflow keys of a ``SetInternalStateReq``; SGLang handles the rest.
+
+    The commands ride in its ``server_args`` map; they are popped before SGLang validates the
+    rest and applied to the cache: ``end`` (a DELETEd workflow becomes plain LRU at once,
+    ``WorkflowCache.end_workflow``), ``steps`` (a moved frontier: after a ``PATCH``, and after
+    each response of a registered or learned workflow) and ``clock`` (expire stale workflows).
+    """
     from sglang.srt.managers.io_struct import SetInternalStateReqOutput
 
     requested = recv_req.server_args
@@ -242,7 +240,11 @@ async def delete_workflow(workflow_id: str) -> ORJSONResponse:
 
 
 def install(app) -> None:
-    """Create this process's registry (from the ``--kvflow-*`` flags) and add the routes."""
+    """Create this process's registry (from the ``--kvflow-*`` flags) and add the routes.
+
+    ``POST /kvflow/workflows`` (register ``{workflow_id, graph}``) and ``GET | PATCH | DELETE
+    /kvflow/workflows/{workflow_id}`` (inspect, move the frontier, end).
+    """
     global _pusher
     config = KVFlowConfig.from_env() or KVFlowConfig()
     learner = None

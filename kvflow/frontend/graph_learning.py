@@ -1,25 +1,16 @@
 """Hint-free mode: learn a workflow's step structure from the order its agents run in.
 
-With ``--kvflow-learn-graph``, a workflow whose requests carry only
-``workflow_id`` and ``agent_id`` (and that has no registered graph) gets its
-steps-to-execution from a first-order model of agent transitions:
+With ``--kvflow-learn-graph``, a workflow whose requests carry only ``workflow_id`` and
+``agent_id`` (and that has no registered graph) gets its steps-to-execution from a first-order
+model of agent transitions (:class:`TransitionModel`), learned per workflow type.
 
-* **Type.** Workflows share what they learn per *type*: the ``workflow_id``
-  up to its last ``:`` (``"review:42"`` and ``"review:43"`` are both of type
-  ``"review"``); an id without ``:`` is its own type.
-* **Observation.** Each request of agent ``b`` in a workflow whose previous
-  request was agent ``a`` counts one transition ``a -> b`` for the type.
-* **Confidence.** An agent's *likely successor* is the agent it was followed by
-  most often, once it has been followed at least ``min_observations`` times
-  and that successor holds a strict majority of those transitions.
-* **Steps.** Walking the likely-successor chain from the current agent gives
-  1, 2, 3, ... hops to the agents on it; the chain stops at an agent without a
-  likely successor or at an agent already on it (a cycle). While the current
-  agent is running it is at 0; once it has finished it gets the hops back to
-  itself if the chain returns to it. Other agents the type has seen are not
-  expected to run and get :data:`FAR`. While the current agent has no likely
-  successor the model is unsure and derives no steps at all, so the cache
-  keeps plain LRU order for the workflow.
+- Workflows share what they learn per *type* (:func:`workflow_type`).
+- Each request of agent ``b`` in a workflow whose previous request was agent ``a`` counts one
+  transition ``a -> b`` for the type.
+- Steps follow the chain of likely successors (:meth:`TransitionModel.likely_successor`,
+  :meth:`TransitionModel.steps`); agents off it get :data:`FAR`.
+- While the current agent has no likely successor the model is unsure and derives no steps at
+  all, so the cache keeps plain LRU order for the workflow.
 """
 
 from __future__ import annotations
@@ -38,7 +29,11 @@ FAR = MAX_STEPS_VALUE  # steps of an agent not expected to run again
 
 
 def workflow_type(workflow_id: str) -> str:
-    """The type a workflow shares its learned transitions with (the id up to its last ``:``)."""
+    """The type a workflow shares its learned transitions with (the id up to its last ``:``).
+
+    ``"review:42"`` and ``"review:43"`` are both of type ``"review"``; an id without ``:`` is its
+    own type.
+    """
     head, sep, _ = workflow_id.rpartition(TYPE_SEPARATOR)
     return head if sep and head else workflow_id
 
@@ -60,7 +55,12 @@ class TransitionModel:
         self.counts[previous][current] += 1
 
     def likely_successor(self, agent_id: str, min_observations: int) -> str | None:
-        """The agent that usually follows ``agent_id``, or None while unsure."""
+        """The agent that usually follows ``agent_id``, or None while unsure.
+
+        It is the agent ``agent_id`` was followed by most often, once it has been followed at
+        least ``min_observations`` times and that successor holds a strict majority of those
+        transitions.
+        """
         followers = self.counts.get(agent_id)
         if not followers:
             return None
@@ -71,7 +71,15 @@ class TransitionModel:
         return successor
 
     def steps(self, agent_id: str, running: bool, min_observations: int) -> dict[str, int]:
-        """Steps-to-execution of every known agent from ``agent_id``; empty while unsure."""
+        """Steps-to-execution of every known agent from ``agent_id``; empty while unsure.
+
+        Walking the likely-successor chain from ``agent_id`` gives 1, 2, 3, ... hops to the agents
+        on it; the chain stops at an agent without a likely successor or at an agent already on it
+        (a cycle). While ``agent_id`` is running it is at 0; once it has finished it gets the hops
+        back to itself if the chain returns to it. Other agents the type has seen are not expected
+        to run and get :data:`FAR`. Without a likely successor of ``agent_id`` the model is unsure
+        and derives no steps at all.
+        """
         chain: dict[str, int] = {agent_id: 0} if running else {}
         current, hops = agent_id, 0
         while (nxt := self.likely_successor(current, min_observations)) is not None and nxt not in chain:

@@ -1,31 +1,18 @@
 """Workflows registered on the server, and the frontier that drives their steps.
 
 ``POST /kvflow/workflows`` registers ``{workflow_id, graph}`` (an
-:class:`~kvflow.graph.AgentStepGraph` document). From then on requests need
-only ``{workflow_id, agent_id}`` in their hint: the hint middleware asks the
-registry (:meth:`WorkflowRegistry.begin_request`) to fill in
-``steps_to_execution`` for every agent of the graph. The registry lives in the
-HTTP process; the scheduler's cache only ever sees complete hints.
+:class:`~kvflow.graph.AgentStepGraph` document). From then on requests need only ``{workflow_id,
+agent_id}`` in their hint: the hint middleware asks the registry
+(:meth:`WorkflowRegistry.begin_request`) to fill in ``steps_to_execution`` for every agent of the
+graph.
 
-**Frontier.** A workflow's *running* agents are those with a request in
-flight plus those declared running with ``PATCH`` (e.g. while a tool runs);
-its *finished* agents are those whose last request has just completed. When a
-request of agent ``x`` arrives, ``x`` runs, and the finish (or declared run)
-of every agent ``x`` is reachable from is consumed: the workflow has moved
-past it. When the response has been sent, ``x`` is finished. Steps are
-``graph.steps_to_execution(running, finished)``; agents the graph says will
-not run again get :data:`~kvflow.frontend.graph_learning.FAR`, so stale values never
-linger in the cache. Explicit ``steps_to_execution`` in a request override
-the derived value of each agent they name.
-
-**Unregistered workflows** get steps from the :class:`~kvflow.frontend.graph_learning.GraphLearner`
-when the server runs with ``--kvflow-learn-graph``, and are passed through
-unchanged otherwise.
-
-**Lifetime.** A workflow idle (no request, registration or ``PATCH``) for the
-TTL is forgotten; at most ``max_workflows`` are registered at once (past it
-registration is refused with 429) and a graph has at most ``max_agents``
-agents (past it, 400).
+- The registry lives in the HTTP process; the scheduler's cache only ever sees complete hints.
+- Steps are ``graph.steps_to_execution(running, finished)`` at the workflow's frontier (the rules
+  are in :class:`RegisteredWorkflow`); explicit ``steps_to_execution`` in a request override the
+  derived value of each agent they name.
+- Unregistered workflows get steps from the :class:`~kvflow.frontend.graph_learning.GraphLearner`
+  when the server runs with ``--kvflow-learn-graph``, and are passed through unchanged otherwise.
+- Workflows and graphs are bounded, idle ones forgotten (:class:`WorkflowRegistry`).
 """
 
 from __future__ import annotations
@@ -100,7 +87,16 @@ class Undo:
 
 
 class RegisteredWorkflow:
-    """One registered workflow: its graph and its current frontier."""
+    """One registered workflow: its graph and its current frontier.
+
+    A workflow's *running* agents are those with a request in flight plus those declared running
+    with ``PATCH`` (e.g. while a tool runs); its *finished* agents are those whose last request
+    has just completed. When a request of agent ``x`` arrives, ``x`` runs, and the finish (or
+    declared run) of every agent ``x`` is reachable from is consumed: the workflow has moved past
+    it. When the response has been sent, ``x`` is finished. Steps are
+    ``graph.steps_to_execution(running, finished)``; agents the graph says will not run again get
+    :data:`~kvflow.frontend.graph_learning.FAR`, so stale values never linger in the cache.
+    """
 
     def __init__(self, workflow_id: str, graph: AgentStepGraph, document: Any = None) -> None:
         self.workflow_id = workflow_id
@@ -226,7 +222,12 @@ class RegisteredWorkflow:
 
 
 class WorkflowRegistry:
-    """Registered workflows of one HTTP process, plus the learner for unregistered ones."""
+    """Registered workflows of one HTTP process, plus the learner for unregistered ones.
+
+    A workflow idle (no request, registration or ``PATCH``) for the TTL is forgotten; at most
+    ``max_workflows`` are registered at once (past it registration is refused with 429) and a
+    graph has at most ``max_agents`` agents (past it, 400).
+    """
 
     def __init__(
         self,

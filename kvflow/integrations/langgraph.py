@@ -1,27 +1,15 @@
 """LangGraph: a ``StateGraph`` as an Agent Step Graph, and its LLM calls through the SDK.
 
-``pip install 'kvflow[langgraph]'``. :func:`agent_step_graph` turns a
-``StateGraph`` (compiled or not) into an :class:`~kvflow.graph.AgentStepGraph`
-to register with a :class:`~kvflow.client.Workflow`; :class:`KVFlowChatModel`
-is a LangChain chat model whose calls go through that workflow as the node
-that makes them, so a node's prompts are served as that agent's.
+``pip install 'kvflow[langgraph]'``. :func:`agent_step_graph` turns a ``StateGraph`` (compiled or
+not) into an :class:`~kvflow.graph.AgentStepGraph` to register with a
+:class:`~kvflow.client.Workflow`; :class:`KVFlowChatModel` is a LangChain chat model whose calls go
+through that workflow as the node that makes them, so a node's prompts are served as that agent's.
 
-Mapping from LangGraph to the Agent Step Graph:
-
-* every node is an agent of the same name; ``START``, ``END`` and LangGraph's
-  error-handler nodes are not agents;
-* ``add_edge(a, b)`` is the edge ``a -> b``; edges from ``START`` (entry
-  points) and to ``END`` carry no dependency;
-* ``add_conditional_edges(src, path, path_map)`` is an edge from ``src`` to
-  every possible destination: the values of ``path_map``, else the ``Literal``
-  return annotation of ``path``, else every other node (as LangGraph itself
-  assumes); ``Command`` destinations declared with
-  ``add_node(..., destinations=...)`` likewise;
-* ``add_edge([a, b], c)`` (a waiting edge) is ``a -> c`` and ``b -> c``;
-* joins: LangGraph runs a node once any of its incoming edges fires, so a node
-  with several predecessors is an ``"or"`` join, except that a node whose
-  predecessors all come from waiting edges waits for all of them (``"and"``);
-* a subgraph node is one agent: the calls made inside it count as the outer node's.
+- Every node is an agent of the same name, every edge LangGraph may take is an edge (the mapping
+  in full is in :func:`agent_step_graph`).
+- A node with several predecessors is an ``"or"`` join, as LangGraph runs it once any incoming
+  edge fires, unless they all come from waiting edges (``"and"``).
+- A subgraph node is one agent: the calls made inside it count as the outer node's.
 """
 
 from __future__ import annotations
@@ -46,7 +34,22 @@ def _branch_targets(source: str, ends: dict[Any, str] | None, nodes: Iterable[st
 
 
 def agent_step_graph(graph: StateGraph | CompiledStateGraph) -> AgentStepGraph:
-    """The Agent Step Graph of a LangGraph ``StateGraph`` (see the module docstring for the mapping)."""
+    """The Agent Step Graph of a LangGraph ``StateGraph``.
+
+    - every node is an agent of the same name; ``START``, ``END`` and LangGraph's error-handler
+      nodes are not agents;
+    - ``add_edge(a, b)`` is the edge ``a -> b``; edges from ``START`` (entry points) and to
+      ``END`` carry no dependency;
+    - ``add_conditional_edges(src, path, path_map)`` is an edge from ``src`` to every possible
+      destination: the values of ``path_map``, else the ``Literal`` return annotation of
+      ``path``, else every other node (as LangGraph itself assumes); ``Command`` destinations
+      declared with ``add_node(..., destinations=...)`` likewise;
+    - ``add_edge([a, b], c)`` (a waiting edge) is ``a -> c`` and ``b -> c``;
+    - joins: LangGraph runs a node once any of its incoming edges fires, so a node with several
+      predecessors is an ``"or"`` join, except that a node whose predecessors all come from
+      waiting edges waits for all of them (``"and"``);
+    - a subgraph node is one agent: the calls made inside it count as the outer node's.
+    """
     builder = graph.builder if isinstance(graph, CompiledStateGraph) else graph
     agents = [name for name, spec in builder.nodes.items() if not spec.is_error_handler]
     plain: set[tuple[str, str]] = set(builder.edges)
