@@ -60,12 +60,12 @@ LEGEND = """\
 
 
 def _hint(turn: SessionTurn) -> WorkflowHint:
-    """Today's kvflow hint: the session is the agent, its system prompt the fixed prefix; a
-    sub-agent's requests say its parent runs next."""
+    """kvflow's hint: the session is the agent, its system prompt the fixed prefix; a sub-agent's
+    requests say its parent runs next; a turn with the end marker says its context is not kept."""
     steps = {turn.session_id: 0}
     if turn.parent is not None:
         steps[turn.parent] = 1
-    return WorkflowHint(turn.workflow_id, turn.session_id, turn.system_len, steps)
+    return WorkflowHint(turn.workflow_id, turn.session_id, turn.system_len, steps, not turn.last)
 
 
 def tlru_budget(trace: AgentTrace) -> dict:
@@ -98,7 +98,7 @@ def replay_real(trace: AgentTrace, size: int, policy: str, check_every: int = 10
     for turn in trace.turns:
         tokens = list(turn.tokens)
         if policy == "kvflow":
-            hits.append(driver.serve(tokens, _hint(turn)))
+            hits.append(driver.serve(tokens, _hint(turn), prompt_len=len(turn.input_ids)))
         elif policy == "session_radix":
             hits.append(driver.serve(tokens, session_id=turn.session_id))
             if turn.last:
