@@ -6,7 +6,8 @@ time with no model, through real SGLang caches on a real allocator
 (:class:`kvflow.harness.offline.CacheDriver`): every stock policy on ``UnifiedRadixCache``
 (Python tree core), SGLang's session radix cache (``enable_session_radix_cache``, session ids
 on the requests, the session closed after a turn with the end marker) and kvflow as it is
-(``WorkflowRadixCache``, fixed prefix = the system prompt). The references run on the trie
+(``WorkflowRadixCache``, fixed prefix = the system prompt, ``keep_context`` false on the end
+marker; it owns the contexts of agents that resume them). The references run on the trie
 simulator of :mod:`benchmarks.context_sim` with the same pool and accounting: Belady on
 contexts, the online mean-gap reference and a Continuum-style TTL pin.
 
@@ -49,8 +50,8 @@ TRACES: dict[str, dict] = {
 LEGEND = """\
 - Real caches (CacheDriver): `lru` `lfu` `slru` `tlru` (default config) `priority` (every request
   priority 0), `tlru_budget` (tlru, threshold max_context/8, next prompt = mean tool result),
-  `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (today's
-  hint: fixed prefix = system prompt).
+  `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (hint:
+  fixed prefix = system prompt, `keep_context` false on the end marker; resumed contexts owned).
 - Trie references: `belady` (farthest next use), `online_mean_gap` (last request + known mean gap;
   overdue keep that estimate: the issue's reference), `online_overdue` (overdue: expected after as
   long again as waited; not the issue's reference), `ttl_pin` (Continuum-style TTL by reload cost,
