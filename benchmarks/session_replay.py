@@ -6,7 +6,8 @@ time with no model, through real SGLang caches on a real allocator
 (:class:`kvflow.harness.offline.CacheDriver`): every stock policy on ``UnifiedRadixCache``
 (Python tree core), SGLang's session radix cache (``enable_session_radix_cache``, session ids
 on the requests, the session closed after a turn with the end marker) and kvflow as it is
-(``WorkflowRadixCache``, fixed prefix = the system prompt). The references run on the trie
+(``WorkflowRadixCache``, fixed prefix = the system prompt, ``keep_context`` false on the end
+marker; it owns the contexts of agents that resume them). The references run on the trie
 simulator of :mod:`benchmarks.context_sim` with the same pool and accounting: Belady on
 contexts, the online mean-gap reference and a Continuum-style TTL pin.
 
@@ -49,8 +50,8 @@ TRACES: dict[str, dict] = {
 LEGEND = """\
 - Real caches (CacheDriver): `lru` `lfu` `slru` `tlru` (default config) `priority` (every request
   priority 0), `tlru_budget` (tlru, threshold max_context/8, next prompt = mean tool result),
-  `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (today's
-  hint: fixed prefix = system prompt).
+  `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (hint:
+  fixed prefix = system prompt, `keep_context` false on the end marker; resumed contexts owned).
 - Trie references: `belady` (farthest next use), `online_mean_gap` (last request + known mean gap;
   overdue keep that estimate: the issue's reference), `online_overdue` (overdue: expected after as
   long again as waited; not the issue's reference), `ttl_pin` (Continuum-style TTL by reload cost,
@@ -60,12 +61,12 @@ LEGEND = """\
 
 
 def _hint(turn: SessionTurn) -> WorkflowHint:
-    """Today's kvflow hint: the session is the agent, its system prompt the fixed prefix; a
-    sub-agent's requests say its parent runs next."""
+    """kvflow's hint: the session is the agent, its system prompt the fixed prefix; a sub-agent's
+    requests say its parent runs next; a turn with the end marker says its context is not kept."""
     steps = {turn.session_id: 0}
     if turn.parent is not None:
         steps[turn.parent] = 1
-    return WorkflowHint(turn.workflow_id, turn.session_id, turn.system_len, steps)
+    return WorkflowHint(turn.workflow_id, turn.session_id, turn.system_len, steps, not turn.last)
 
 
 def tlru_budget(trace: AgentTrace) -> dict:
@@ -98,7 +99,7 @@ def replay_real(trace: AgentTrace, size: int, policy: str, check_every: int = 10
     for turn in trace.turns:
         tokens = list(turn.tokens)
         if policy == "kvflow":
-            hits.append(driver.serve(tokens, _hint(turn)))
+            hits.append(driver.serve(tokens, _hint(turn), prompt_len=len(turn.input_ids)))
         elif policy == "session_radix":
             hits.append(driver.serve(tokens, session_id=turn.session_id))
             if turn.last:

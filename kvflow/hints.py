@@ -4,7 +4,8 @@ A hint is a JSON object::
 
     {"workflow_id": "wf-1", "agent_id": "planner",
      "fixed_prefix_len": 812,                       # optional
-     "steps_to_execution": {"planner": 0, "coder": 1}}  # optional
+     "steps_to_execution": {"planner": 0, "coder": 1},  # optional
+     "keep_context": false}                          # optional, default true
 
 - Clients send it in one of the forms of docs/design.md, "Hint rules", or as
   ``session_params.kvflow`` (:data:`ROUTED_FIELD`; see :func:`parse_hint`).
@@ -38,7 +39,7 @@ KV_HINTS_ACTION_TYPE = NAME
 MAX_ID_LEN = 256
 MAX_STEPS_ENTRIES = 1024
 MAX_STEPS_VALUE = 1_000_000
-_FIELDS = ("workflow_id", "agent_id", "fixed_prefix_len", "steps_to_execution")
+_FIELDS = ("workflow_id", "agent_id", "fixed_prefix_len", "steps_to_execution", "keep_context")
 
 
 class HintError(ValueError):
@@ -57,6 +58,9 @@ class WorkflowHint:
     agent_id: str
     fixed_prefix_len: int | None = None
     steps_to_execution: Mapping[str, int] = field(default_factory=dict)
+    # False: this request's context (prompt + output) will not be resumed (its agent's last turn,
+    # or an opt-out), so it stays plain LRU (kvflow.cache.contexts).
+    keep_context: bool = True
 
     def to_json(self) -> str:
         """Canonical JSON, the form carried to the scheduler."""
@@ -65,6 +69,8 @@ class WorkflowHint:
             body["fixed_prefix_len"] = self.fixed_prefix_len
         if self.steps_to_execution:
             body["steps_to_execution"] = dict(self.steps_to_execution)
+        if not self.keep_context:
+            body["keep_context"] = False
         return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
@@ -143,7 +149,10 @@ def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = NAME) -
             if value > MAX_STEPS_VALUE:
                 raise HintError(f"{name}.{agent}", f"must be <= {MAX_STEPS_VALUE}, got {value}")
             steps[agent] = value
-    return WorkflowHint(workflow_id, agent_id, fixed_prefix_len, steps)
+    keep_context = raw.get("keep_context", True)
+    if not isinstance(keep_context, bool):
+        raise HintError(f"{prefix}.keep_context", f"must be true or false, got {type(keep_context).__name__}")
+    return WorkflowHint(workflow_id, agent_id, fixed_prefix_len, steps, keep_context)
 
 
 def check_fixed_prefix_len(fixed_prefix_len: int | None, prompt_len: int | None, prefix: str = NAME) -> None:

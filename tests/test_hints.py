@@ -17,6 +17,9 @@ def test_parse_full_hint_round_trips_through_the_transport():
     assert hint == WorkflowHint("w", "a", 12, {"a": 0, "b": 2})
     assert decode_transport({"kvflow": hint.to_json()}) == hint
     assert decode_transport({"other": 1}) is None and decode_transport(None) is None
+    last = parse_hint({**GOOD, "keep_context": False})
+    assert not last.keep_context and decode_transport({"kvflow": last.to_json()}) == last
+    assert parse_hint(GOOD).keep_context and "keep_context" not in parse_hint(GOOD).to_json()
 
 
 @pytest.mark.parametrize(
@@ -38,6 +41,8 @@ def test_parse_full_hint_round_trips_through_the_transport():
             {**GOOD, "steps_to_execution": {str(i): 0 for i in range(MAX_STEPS_ENTRIES + 1)}},
             "kvflow.steps_to_execution",
         ),
+        ({**GOOD, "keep_context": "no"}, "kvflow.keep_context"),
+        ({**GOOD, "keep_context": 0}, "kvflow.keep_context"),
         ({**GOOD, "priority": 1}, "kvflow.priority"),
     ],
 )

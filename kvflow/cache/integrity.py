@@ -48,7 +48,8 @@ def _name(agent: AgentState) -> str:
 
 
 def _owner_next_uses(state: Any) -> list[Any]:
-    return [owner.next_use for owner in state.owners if owner.next_use is not None]
+    values = [owner.next_use for owner in state.owners] + [owner.context_next_use for owner in state.contexts]
+    return [value for value in values if value is not None]
 
 
 def _expected_next_use(node: Any) -> Any:
@@ -100,9 +101,10 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
     never refreshed, owns nothing and keeps no per-child structure), recomputed
     from the owners and children directly; each node's ``own_next_use`` and
     per-child structure (exactly the children with a value, at their values)
-    agree with the tree; owners and ``agent.node`` point at each other; no
-    agent owns two nodes; every owner is an agent the workflow table still
-    tracks, and every tracked agent's node is in the tree. Each lazy-deletion
+    agree with the tree; owners and ``agent.node`` point at each other, context
+    owners and ``agent.context`` too; no agent owns two fixed-prompt nodes or two
+    contexts; every owner is an agent the workflow table still tracks, and every
+    tracked agent's node and context are in the tree. Each lazy-deletion
     heap checks its own invariant: the per-child structures
     (:meth:`~kvflow.cache.ownership.ChildMins.check`), the victim heap where the
     tree core keeps one (:meth:`~kvflow.cache.victims.VictimHeap.check`) and the
@@ -118,15 +120,22 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
     tree = cache.tree_core
     root = tree.root_node
     assert not root.kvflow.owners, f"the root has owners: {[_name(a) for a in root.kvflow.owners]}"
+    assert not root.kvflow.contexts, f"the root is a context: {[_name(a) for a in root.kvflow.contexts]}"
     assert root.kvflow.child_mins is None, "the root keeps a per-child structure"
     nodes = _tree_nodes(root)
     owners: list[Any] = []
+    contexts: list[Any] = []
     for node in nodes:
         for owner in node.kvflow.owners:
             assert owner.node is node, (
                 f"{_name(owner)} is listed on node {node.id} but points at another node"
             )
+        for owner in node.kvflow.contexts:
+            assert owner.context is node, (
+                f"{_name(owner)}'s context is listed on node {node.id} but points at another node"
+            )
         owners += node.kvflow.owners
+        contexts += node.kvflow.contexts
         if node is not root:
             expected = _expected_next_use(node)
             assert node.kvflow.next_use == expected, (
@@ -134,16 +143,24 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
             )
             _check_child_structure(node)
     assert len({id(owner) for owner in owners}) == len(owners), "an agent owns two nodes (or one twice)"
+    assert len({id(owner) for owner in contexts}) == len(contexts), (
+        "an agent owns two contexts (or one twice)"
+    )
     if tree.ownership.victims is not None:
         tree.ownership.victims.check(tree.evictable_device_leaves)
     cache.kvflow.workflows.check()
 
     in_tree = {id(node) for node in nodes}
     tracked = [agent for workflow in cache.kvflow.workflows.workflows() for agent in workflow.agents.values()]
-    assert {id(owner) for owner in owners} <= {id(agent) for agent in tracked}, (
+    assert {id(owner) for owner in owners + contexts} <= {id(agent) for agent in tracked}, (
         "a node is owned by an agent the workflow table no longer tracks"
     )
     for agent in tracked:
         if agent.node is not None:
             assert agent in agent.node.kvflow.owners, f"{_name(agent)} points at a node that does not list it"
             assert id(agent.node) in in_tree, f"{_name(agent)} owns a node removed from the tree"
+        if agent.context is not None:
+            assert agent in agent.context.kvflow.contexts, (
+                f"{_name(agent)}'s context points at a node that does not list it"
+            )
+            assert id(agent.context) in in_tree, f"{_name(agent)}'s context was removed from the tree"

@@ -1,7 +1,9 @@
 """Agent ownership of radix-tree nodes and the ``next_use`` it gives them.
 
-An agent owns the node where its fixed prompt ends. Its ``AgentState.next_use`` is when its KV is
-next used (an opaque comparable key; None: unknown), and each node's ``node.kvflow``
+An agent owns the node where its fixed prompt ends and, while it resumes its contexts
+(:mod:`kvflow.cache.contexts`), the node where its latest context ends. Its
+``AgentState.next_use`` (``context_next_use`` for the context) is when that KV is next used (an
+opaque comparable key; None: unknown), and each node's ``node.kvflow``
 (:class:`~kvflow.cache.node_state.NodeState`) caches the minimum over the owners below it.
 :class:`Ownership`, one per tree core, keeps those values and tells the tree core's victim heap of
 every change. Invariants, for every node but the root (never evicted, never refreshed):
@@ -11,7 +13,8 @@ every change. Invariants, for every node but the root (never evicted, never refr
   None until a child first has a value) holds exactly the children with a ``next_use``, at it;
 - a change is propagated from the node up the path to the root and stops at the first unchanged
   value, at O(log k) amortized per node of k children: no whole-tree walk, no sibling scan;
-- ``agent.node`` and the node's ``owners`` point at each other.
+- ``agent.node`` and the node's ``owners`` point at each other, ``agent.context`` and its
+  ``contexts`` too; an agent owns at most one node of each kind.
 
 The tree core reports every change of a node's children: :meth:`Ownership.init_node` for a new
 node (no value, so its parent is unchanged), :meth:`Ownership.split` when a node is put between a
@@ -105,10 +108,12 @@ def _merge(a: Any, b: Any) -> Any:
 
 
 def owners_next_use(state: NodeState) -> Any:
-    """The minimum ``next_use`` over a node's own owners (None if none has one)."""
+    """The minimum next use over a node's own owners, fixed prompts and contexts (None if none has one)."""
     value = None
     for owner in state.owners:
         value = _merge(value, owner.next_use)
+    for owner in state.contexts:
+        value = _merge(value, owner.context_next_use)
     return value
 
 
@@ -186,23 +191,37 @@ class Ownership:
             self._propagate(parent)
 
     def assign(self, agent: AgentState, node: Any) -> None:
-        """Make ``agent`` the owner of ``node``, releasing any node it owned before."""
-        if agent.node is node:
+        """Make ``agent`` the owner of ``node`` (its fixed prompt), releasing any node it owned before."""
+        self._attach(agent, node, "node", "owners")
+
+    def release(self, agent: AgentState) -> None:
+        """Drop the agent's ownership of its fixed prompt (its workflow expired or its prompt moved)."""
+        self._detach(agent, "node", "owners")
+
+    def assign_context(self, agent: AgentState, node: Any) -> None:
+        """Make ``node`` the end of ``agent``'s context, releasing the context it owned before."""
+        self._attach(agent, node, "context", "contexts")
+
+    def release_context(self, agent: AgentState) -> None:
+        """Drop the agent's ownership of its context (not resumed, its last turn, or forgotten)."""
+        self._detach(agent, "context", "contexts")
+
+    def _attach(self, agent: AgentState, node: Any, slot: str, owners: str) -> None:
+        if getattr(agent, slot) is node:
             return
-        self.release(agent)
-        node.kvflow.owners.append(agent)
-        agent.node = node
+        self._detach(agent, slot, owners)
+        getattr(node.kvflow, owners).append(agent)
+        setattr(agent, slot, node)
         self.refresh_upward(node)
         if self.victims is not None:
             self.victims.owner_assigned(node)
 
-    def release(self, agent: AgentState) -> None:
-        """Drop the agent's ownership (its workflow expired or its prompt moved)."""
-        node = agent.node
+    def _detach(self, agent: AgentState, slot: str, owners: str) -> None:
+        node = getattr(agent, slot)
         if node is None:
             return
-        node.kvflow.owners.remove(agent)
-        agent.node = None
+        getattr(node.kvflow, owners).remove(agent)
+        setattr(agent, slot, None)
         self.refresh_upward(node)
 
     @staticmethod
@@ -228,7 +247,9 @@ class Ownership:
         state = node.kvflow
         for agent in state.owners:
             agent.node = None
-        state.owners = []
+        for agent in state.contexts:
+            agent.context = None
+        state.owners, state.contexts = [], []
         state.own_next_use = None
         state.child_mins = None
         if state.next_use is not None:

@@ -68,7 +68,7 @@ class WorkflowRadixCache(UnifiedRadixCache):
 
     def checkpoint_into_tree(self, req: Req, *, up_to: int, **kwargs) -> None:
         super().checkpoint_into_tree(req, up_to=up_to, **kwargs)
-        self.kvflow.request_inserted(req)
+        self.kvflow.request_inserted(req, up_to)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)

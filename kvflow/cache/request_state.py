@@ -21,6 +21,8 @@ class RequestState:
     agent: AgentState | None = None  # the hinted agent it runs, if any
     fixed_len: int = 0  # its fixed prompt: min(the agent's fixed_prefix_len at admission, prompt length)
     held: bool = False  # held back at least once by a prefetch in flight
+    keep_context: bool = True  # its hint's: its context may become its agent's
+    context_len: int = 0  # tokens the finished request inserted into the tree (its prompt + output)
 
 
 def request_state(req: Any) -> RequestState:

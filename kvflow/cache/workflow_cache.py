@@ -10,6 +10,8 @@ It holds the SGLang cache it serves for its tree core, page size and pool.
   workflow's budget (:mod:`kvflow.cache.budget`) before the next eviction.
 - A forgotten workflow (ended, past its TTL or the caps) owns no node and never
   claims again: its KV is plain LRU at once.
+- An agent that resumes its contexts (:mod:`kvflow.cache.contexts`) owns the end of what its
+  finished request left in the tree; a prompt that does not resume it releases it.
 - Decisions read time only from the HTTP process's stamps and are checked by SGLang's
   rank-consensus checker, so every tensor-parallel rank makes them alike.
 """
@@ -25,6 +27,7 @@ from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from kvflow.cache import integrity
 from kvflow.cache.budget import apply_budget
+from kvflow.cache.contexts import ResumeTracker
 from kvflow.cache.eviction import WorkflowAwareStrategy
 from kvflow.cache.prefetch import Prefetcher
 from kvflow.cache.request_state import request_state
@@ -55,6 +58,7 @@ class WorkflowCache:
             urgency=urgency,
         )
         self.totals = InvocationCounters()
+        self.contexts = ResumeTracker()
         self.hinted_requests = 0
         self.aborted_requests = 0
         self.prefetcher: Prefetcher | None = None
@@ -101,6 +105,7 @@ class WorkflowCache:
         for workflow in self.workflows.workflows():
             for agent in workflow.agents.values():
                 agent.node, agent.over_budget = None, False
+                agent.context, agent.context_over_budget = None, False
         if self.prefetcher is not None:
             self.prefetcher.forget_loads()
 
@@ -119,15 +124,18 @@ class WorkflowCache:
         self.clock.advance(transport_time(custom_params))
         agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
         if agent is not None:
-            state.agent = agent
+            state.agent, state.keep_context = agent, hint.keep_context
             state.fixed_len = min(agent.fixed_prefix_len or 0, len(req.origin_input_ids))
             if self.prefetcher is not None:
                 self.prefetcher.on_admit(agent, held=state.held)
 
-    def request_inserted(self, req: Req) -> None:
-        """The request's KV is in the tree: its agent's boundary may only now exist, claim it."""
+    def request_inserted(self, req: Req, up_to: int) -> None:
+        """The request's KV is in the tree up to ``up_to``: its agent's boundary may only now exist,
+        claim it; a finished request's inserted tokens are its agent's next context."""
         state = request_state(req)
         agent = state.agent
+        if agent is not None and req.finished():
+            state.context_len = up_to
         # Only a request whose fixed prompt is still the agent's may move the agent's boundary.
         if agent is not None and agent.steps is not None and state.fixed_len == agent.fixed_prefix_len:
             self.claim(agent, req.origin_input_ids, req.extra_key, req.cache_salt)
@@ -147,6 +155,9 @@ class WorkflowCache:
                 state.fixed_len, req.cached_tokens, req.cached_tokens_device, req.cached_tokens_host
             )
         agent.request_finished(len(req.origin_input_ids) - state.fixed_len + len(req.output_ids))
+        if state.context_len:
+            context = (req.origin_input_ids + req.output_ids)[: state.context_len]
+            self.claim_context(agent, context, req.extra_key, req.cache_salt, keep=state.keep_context)
         self.agent_finished(agent)
 
     # ---- hints and ownership -----------------------------------------------
@@ -170,6 +181,9 @@ class WorkflowCache:
         agent, changed = self.workflows.observe(hint, token_ids)
         if agent is not None:
             self.claim(agent, token_ids, extra_key, cache_salt, rebudget=False)
+            self.contexts.observe(agent, token_ids)
+            if not (hint.keep_context and self.contexts.protects(agent)):
+                self.cache.tree_core.ownership.release_context(agent)
         self._refresh_next_use(changed, self.workflows.get(hint.workflow_id))
         return agent
 
@@ -185,7 +199,8 @@ class WorkflowCache:
         if workflow is not None:
             limit = self.config.max_protected_fraction * self.cache.token_to_kv_pool_allocator.size
             agents = [*agents, *apply_budget(workflow, limit)]
-        self.cache.tree_core.ownership.refresh_many({agent.node: None for agent in agents})
+        nodes = {node: None for agent in agents for node in (agent.node, agent.context)}
+        self.cache.tree_core.ownership.refresh_many(nodes)
         if self.prefetcher is not None:
             self.prefetcher.watch(agents)
 
@@ -221,6 +236,33 @@ class WorkflowCache:
             if rebudget:
                 self._refresh_next_use([], self.workflows.get(agent.workflow_id))
 
+    def claim_context(
+        self,
+        agent: AgentState,
+        token_ids: Sequence[int],
+        extra_key: str | None = None,
+        cache_salt: str | None = None,
+        keep: bool = True,
+    ) -> None:
+        """The agent's request finished and left ``token_ids`` (prompt + output) in the tree: if
+        the agent resumes its contexts, the node where they end (the last whole page) is its context.
+        ``keep`` False (the request's ``keep_context``): it is not, and the agent owns no context."""
+        ownership = self.cache.tree_core.ownership
+        length = len(token_ids) // self.cache.page_size * self.cache.page_size
+        protects = keep and agent.steps is not None and self.contexts.protects(agent)
+        if not protects or length <= (agent.fixed_prefix_len or 0):
+            ownership.release_context(agent)
+            return
+        key = RadixKey(token_ids=token_ids[:length], extra_key=extra_key, cache_salt=cache_salt)
+        node, actions = self.cache.tree_core.find_boundary_node(key)
+        self.cache._apply_cache_actions(actions)
+        if node is None:
+            ownership.release_context(agent)
+            return
+        ownership.assign_context(agent, node)
+        agent.context_tokens = length
+        self._refresh_next_use([], self.workflows.get(agent.workflow_id))
+
     # ---- forgetting workflows ----------------------------------------------
 
     @rank_consensus(same_params=True, same_results=True)
@@ -249,8 +291,9 @@ class WorkflowCache:
         ownership = self.cache.tree_core.ownership
         for agent in workflow.agents.values():
             agent.steps = None  # in-flight requests of this agent must not re-claim
-            agent.over_budget = False
+            agent.over_budget = agent.context_over_budget = False
             ownership.release(agent)
+            ownership.release_context(agent)
 
     # ---- invariants and observability --------------------------------------
 

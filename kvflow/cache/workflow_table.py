@@ -89,6 +89,11 @@ class AgentState:
     # Tokens its requests took beyond the fixed prompt (the rest of the prompt and the output),
     # smoothed over its finished ones: what its next request is expected to allocate.
     request_tokens: float | None = None
+    context: Any = None  # the node where its latest context ends, while it resumes (cache/contexts.py)
+    context_tokens: int = 0  # the tokens from the root to ``context`` (set with it)
+    context_over_budget: bool = False  # its context is past its workflow's share of the pool
+    resumes: bool | None = None  # its latest prompt extended the one before (None: not seen twice)
+    prompt_record: tuple[int, int] | None = None  # (length, hash) of its latest prompt
 
     @property
     def steps(self) -> int | None:
@@ -116,6 +121,13 @@ class AgentState:
         if self.expected_at is None:
             return None
         return (int(self.over_budget), self.expected_at)
+
+    @property
+    def context_next_use(self) -> tuple[int, float] | None:
+        """The key its context is ordered by: its :attr:`next_use` with the context's own budget flag."""
+        if self.expected_at is None:
+            return None
+        return (int(self.context_over_budget), self.expected_at)
 
 
 @dataclass(eq=False)

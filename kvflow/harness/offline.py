@@ -102,9 +102,16 @@ class CacheDriver:
         return hit
 
     def serve(
-        self, tokens: list[int], hint: WorkflowHint | None = None, session_id: str | None = None
+        self,
+        tokens: list[int],
+        hint: WorkflowHint | None = None,
+        session_id: str | None = None,
+        prompt_len: int | None = None,
     ) -> int:
         """Process one request; return how many of its tokens were already cached.
+
+        ``tokens`` is its prompt and output, inserted whole as a finished request; the hint sees
+        the first ``prompt_len`` of them as the prompt (all of them when None).
 
         Like the scheduler, it allocates whole pages and inserts only the
         prompt's full pages; the slots of a trailing partial page are freed.
@@ -112,7 +119,7 @@ class CacheDriver:
         scheduler does for a finished request of that session.
         """
         cache, core, page = self.cache, workflow_cache(self.cache), self.page_size
-        agent = core.observe_hint(hint, tokens) if hint is not None else None
+        agent = core.observe_hint(hint, tokens[:prompt_len]) if hint is not None else None
         generation = (
             cache.ensure_session_generation(session_id) if self.session_radix and session_id else None
         )
@@ -142,6 +149,7 @@ class CacheDriver:
             self.allocator.free(new[aligned - hit :])
         if agent is not None:
             core.claim(agent, tokens)
+            core.claim_context(agent, tokens, keep=hint.keep_context)
             core.agent_finished(agent)
         self.served += 1
         if self.served % self.check_every == 0:

@@ -1,0 +1,144 @@
+"""Agent contexts on the real cache (no server): the end of what a resuming agent's finished
+request left in the tree is its, ranked like its fixed prompt, and nothing else is."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from kvflow.harness.offline import CacheDriver
+from kvflow.hints import WorkflowHint
+
+SYSTEM = list(range(1, 21))
+
+
+def fresh(start: int, length: int) -> list[int]:
+    return list(range(start, start + length))
+
+
+def hint(agent: str = "a", keep: bool = True, far: bool = False) -> WorkflowHint:
+    """``far``: the workflow has another agent 50 steps away, so ``agent`` goes 51 away when done."""
+    steps = {agent: 0, "later": 50} if far else {agent: 0}
+    return WorkflowHint(f"wf-{agent}", agent, len(SYSTEM), steps, keep)
+
+
+def serve(driver: CacheDriver, prompt: list[int], output: list[int], **options) -> None:
+    driver.serve(prompt + output, hint(**options), prompt_len=len(prompt))
+
+
+def session(
+    driver: CacheDriver, turns: int, agent: str = "a", base: int = 1000, far: bool = False
+) -> list[list[int]]:
+    """``turns`` turns of a session that extends its context; each turn's prompt + output."""
+    contexts, prompt = [], SYSTEM + fresh(base, 10)
+    for k in range(turns):
+        output = fresh(base + 100 * (k + 1), 5)
+        serve(driver, prompt, output, agent=agent, far=far)
+        contexts.append(prompt + output)
+        prompt = prompt + output + fresh(base + 100 * (k + 1) + 50, 8)  # the tool's result
+    return contexts
+
+
+def agent_of(driver: CacheDriver, name: str = "a"):
+    return driver.cache.kvflow.workflows.get(f"wf-{name}").agents[name]
+
+
+def test_the_context_moves_to_the_new_end_as_turns_extend_it():
+    driver = CacheDriver(size=1000)
+    contexts = session(driver, 2)
+    agent = agent_of(driver)
+    assert agent.resumes and agent.context is not None
+    assert agent.context_tokens == len(contexts[1]) and agent.context.kvflow.contexts == [agent]
+    assert agent.context.kvflow.next_use == agent.next_use
+    first_end = agent.context.parent  # the previous turn's end, now on the path to the new one
+    contexts = session(driver, 3)
+    assert agent.context_tokens == len(contexts[2]) and agent.context is not first_end
+    assert first_end.kvflow.contexts == [] and first_end.kvflow.next_use == agent.next_use
+    driver.check_accounting()
+
+
+def test_a_branch_the_next_turn_did_not_take_loses_ownership_and_goes_first():
+    driver = CacheDriver(size=1000)
+    far = session(driver, 2, agent="b", base=20_000, far=True)  # an owned context, needed much later
+    contexts = session(driver, 2)
+    agent = agent_of(driver)
+    dropped = agent.context
+    prompt = contexts[1][:-5] + fresh(5000, 8)  # the client dropped the last output (reasoning)
+    serve(driver, prompt, fresh(6000, 5))
+    assert agent.context_tokens == len(prompt) + 5 and agent.context is not dropped
+    assert dropped.kvflow.contexts == [] and dropped.kvflow.next_use is None
+    driver.cache.evict(EvictParams(num_tokens=1))
+    assert driver.cached_len(contexts[1]) == len(contexts[1]) - 5  # the dropped output went first
+    assert driver.cached_len(far[1]) == len(far[1])  # before any owned context, however far
+    assert agent_of(driver, "b").context.kvflow.next_use > agent.next_use
+    driver.check_accounting()
+
+
+def test_an_agent_that_does_not_extend_its_prompts_owns_no_context():
+    driver = CacheDriver(size=1000)
+    for k in range(4):  # the paper's workloads: the fixed prompt and a new suffix each time
+        serve(driver, SYSTEM + fresh(1000 + 100 * k, 10), fresh(5000 + 100 * k, 5))
+    agent = agent_of(driver)
+    assert agent.resumes is False and agent.context is None
+    assert driver.cache.kvflow.contexts.prior == 0.0
+    owned = [n for n in _nodes(driver) if n.kvflow.next_use is not None]
+    assert owned == [agent.node]  # only the fixed prompt: suffixes and outputs stay un-owned
+    driver.check_accounting()
+
+
+def test_a_context_that_stops_being_extended_is_released_at_the_next_prompt():
+    driver = CacheDriver(size=1000)
+    session(driver, 2)
+    agent = agent_of(driver)
+    assert agent.context is not None
+    serve(driver, SYSTEM + fresh(7000, 10), fresh(7100, 5))  # a new task: the context is not resumed
+    assert agent.resumes is False and agent.context is None
+    driver.check_accounting()
+
+
+def test_the_last_turn_ending_the_workflow_and_a_flush_release_the_context():
+    driver = CacheDriver(size=1000)
+    contexts = session(driver, 2)
+    agent = agent_of(driver)
+    serve(driver, contexts[1] + fresh(8000, 8), fresh(8100, 5), keep=False)
+    assert agent.context is None and agent.node is not None
+    driver.check_accounting()
+
+    session(driver, 2, agent="b", base=20_000)
+    other = agent_of(driver, "b")
+    assert other.context is not None
+    assert driver.cache.kvflow.end_workflow("wf-b") and other.context is None
+    driver.check_accounting()
+
+    session(driver, 2, agent="c", base=40_000)
+    third = agent_of(driver, "c")
+    assert third.context is not None
+    driver.cache.reset()  # /flush_cache: the tree cache is reset and the pool cleared
+    driver.allocator.clear()
+    assert third.context is None and third.node is None
+    driver.check_accounting()
+
+
+def test_the_protected_share_counts_contexts_after_fixed_prompts():
+    driver = CacheDriver(size=200)
+    core = driver.cache.kvflow
+    core.config = replace(core.config, max_protected_fraction=0.2)  # 40 tokens per workflow
+    contexts = session(driver, 2)
+    agent = agent_of(driver)
+    assert agent.context_tokens == len(contexts[1]) > 40
+    assert agent.context_over_budget and not agent.over_budget
+    assert agent.context.kvflow.next_use[0] == 1 and agent.node.kvflow.own_next_use[0] == 0
+    core.config = replace(core.config, max_protected_fraction=1.0)
+    session(driver, 3)
+    assert not agent.context_over_budget
+    driver.check_accounting()
+
+
+def _nodes(driver: CacheDriver) -> list:
+    nodes, stack = [], list(driver.cache.tree_core.root_node.children.values())
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.children.values())
+    return nodes
