@@ -11,6 +11,7 @@ Runs in SGLang's scheduler process (one per rank), on the scheduler thread. Each
 - ``budget``: each workflow's protected share of the pool
 - ``node_state``: kvflow's one slot on a tree node (``node.kvflow``)
 - ``ownership``: each node's most urgent owner below it
+- ``contexts``: which agents resume their latest context (prompt + output), so own it
 - ``lazy_heap``: the staleness and compaction rule of the three lazy-deletion heaps
 - ``eviction``: the order SGLang evicts in, both tiers
 - ``victims``: device victims from one heap kept across evictions
