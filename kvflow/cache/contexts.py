@@ -1,7 +1,7 @@
 """Agent contexts: which agents resume the context their previous turn left in the tree.
 
 When a request finishes SGLang inserts its prompt + output, for a next turn that starts with
-them to match. An agent owns that path's end (its *context*, ranked like its fixed prompt) only
+them to match. An agent owns that path's end (its *context*, evicted in its fixed prompt's order) only
 while it *resumes*: its latest prompt started with its previous prompt, was longer, and that
 previous prompt was longer than its fixed prompt. The paper's workloads (a fixed prompt and a
 new suffix each time) never do, so their outputs and suffixes never inherit protection.
