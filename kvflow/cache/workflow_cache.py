@@ -226,10 +226,7 @@ class WorkflowCache:
             return
         if len(token_ids) < fixed:
             return  # a shorter prompt than the agent's fixed one: it does not say where that ends
-        # Slicing keeps the container type, which must match the keys already in the tree.
-        key = RadixKey(token_ids=token_ids[:length], extra_key=extra_key, cache_salt=cache_salt)
-        node, actions = self.cache.tree_core.find_boundary_node(key)
-        self.cache._apply_cache_actions(actions)
+        node = self._boundary_node(token_ids, length, extra_key, cache_salt)
         if node is not None and node is not agent.node:
             self.cache.tree_core.ownership.assign(agent, node)
             agent.node_tokens = length
@@ -253,15 +250,24 @@ class WorkflowCache:
         if not protects or length <= (agent.fixed_prefix_len or 0):
             ownership.release_context(agent)
             return
-        key = RadixKey(token_ids=token_ids[:length], extra_key=extra_key, cache_salt=cache_salt)
-        node, actions = self.cache.tree_core.find_boundary_node(key)
-        self.cache._apply_cache_actions(actions)
+        node = self._boundary_node(token_ids, length, extra_key, cache_salt)
         if node is None:
             ownership.release_context(agent)
             return
         ownership.assign_context(agent, node)
         agent.context_tokens = length
         self._refresh_next_use([], self.workflows.get(agent.workflow_id))
+
+    def _boundary_node(
+        self, token_ids: Sequence[int], length: int, extra_key: str | None, cache_salt: str | None
+    ) -> Any | None:
+        """The tree node ending exactly at ``token_ids[:length]`` (split if needed), or None when that
+        path is not resident."""
+        # Slicing keeps the container type, which must match the keys already in the tree.
+        key = RadixKey(token_ids=token_ids[:length], extra_key=extra_key, cache_salt=cache_salt)
+        node, actions = self.cache.tree_core.find_boundary_node(key)
+        self.cache._apply_cache_actions(actions)
+        return node
 
     # ---- forgetting workflows ----------------------------------------------
 
