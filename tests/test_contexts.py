@@ -17,24 +17,20 @@ def fresh(start: int, length: int) -> list[int]:
     return list(range(start, start + length))
 
 
-def hint(agent: str = "a", keep: bool = True, far: bool = False) -> WorkflowHint:
-    """``far``: the workflow has another agent 50 steps away, so ``agent`` goes 51 away when done."""
-    steps = {agent: 0, "later": 50} if far else {agent: 0}
-    return WorkflowHint(f"wf-{agent}", agent, len(SYSTEM), steps, keep)
+def hint(agent: str = "a", keep: bool = True) -> WorkflowHint:
+    return WorkflowHint(f"wf-{agent}", agent, len(SYSTEM), {agent: 0}, keep)
 
 
 def serve(driver: CacheDriver, prompt: list[int], output: list[int], **options) -> None:
     driver.serve(prompt + output, hint(**options), prompt_len=len(prompt))
 
 
-def session(
-    driver: CacheDriver, turns: int, agent: str = "a", base: int = 1000, far: bool = False
-) -> list[list[int]]:
+def session(driver: CacheDriver, turns: int, agent: str = "a", base: int = 1000) -> list[list[int]]:
     """``turns`` turns of a session that extends its context; each turn's prompt + output."""
     contexts, prompt = [], SYSTEM + fresh(base, 10)
     for k in range(turns):
         output = fresh(base + 100 * (k + 1), 5)
-        serve(driver, prompt, output, agent=agent, far=far)
+        serve(driver, prompt, output, agent=agent)
         contexts.append(prompt + output)
         prompt = prompt + output + fresh(base + 100 * (k + 1) + 50, 8)  # the tool's result
     return contexts
@@ -50,17 +46,17 @@ def test_the_context_moves_to_the_new_end_as_turns_extend_it():
     agent = agent_of(driver)
     assert agent.resumes and agent.context is not None
     assert agent.context_tokens == len(contexts[1]) and agent.context.kvflow.contexts == [agent]
-    assert agent.context.kvflow.next_use == agent.next_use
+    assert agent.context.kvflow.next_use == agent.context_next_use
     first_end = agent.context.parent  # the previous turn's end, now on the path to the new one
     contexts = session(driver, 3)
     assert agent.context_tokens == len(contexts[2]) and agent.context is not first_end
-    assert first_end.kvflow.contexts == [] and first_end.kvflow.next_use == agent.next_use
+    assert first_end.kvflow.contexts == [] and first_end.kvflow.next_use == agent.context_next_use
     driver.check_accounting()
 
 
 def test_a_branch_the_next_turn_did_not_take_loses_ownership_and_goes_first():
     driver = CacheDriver(size=1000)
-    far = session(driver, 2, agent="b", base=20_000, far=True)  # an owned context, needed much later
+    other = session(driver, 2, agent="b", base=20_000)  # an owned context
     contexts = session(driver, 2)
     agent = agent_of(driver)
     dropped = agent.context
@@ -70,8 +66,73 @@ def test_a_branch_the_next_turn_did_not_take_loses_ownership_and_goes_first():
     assert dropped.kvflow.contexts == [] and dropped.kvflow.next_use is None
     driver.cache.evict(EvictParams(num_tokens=1))
     assert driver.cached_len(contexts[1]) == len(contexts[1]) - 5  # the dropped output went first
-    assert driver.cached_len(far[1]) == len(far[1])  # before any owned context, however far
-    assert agent_of(driver, "b").context.kvflow.next_use > agent.next_use
+    assert driver.cached_len(other[1]) == len(other[1])  # before any owned context
+    assert agent_of(driver, "b").context.kvflow.next_use is not None  # b's context is owned
+    driver.check_accounting()
+
+
+class Sessions:
+    """Interleaved sessions on one driver: ``turn(name)`` serves each session's next turn."""
+
+    def __init__(self, driver: CacheDriver) -> None:
+        self.driver = driver
+        self.prompts: dict[str, list[int]] = {}
+        self.contexts: dict[str, list[int]] = {}
+        self.next_token = 1000
+
+    def _fresh(self, length: int) -> list[int]:
+        self.next_token += length
+        return fresh(self.next_token - length, length)
+
+    def turn(self, name: str) -> None:
+        prompt = self.prompts.get(name) or SYSTEM + self._fresh(10)
+        output = self._fresh(5)
+        serve(self.driver, prompt, output, agent=name)
+        self.contexts[name] = prompt + output
+        self.prompts[name] = prompt + output + self._fresh(8)
+
+    def cached_tail(self, name: str) -> bool:
+        """Whether the end of ``name``'s latest context is still in the tree."""
+        context = self.contexts[name]
+        return self.driver.cached_len(context) == len(context)
+
+
+def test_a_context_is_ranked_by_when_its_agent_resumes():
+    driver = CacheDriver(size=1000)
+    run = Sessions(driver)
+    for name in ["slow", *"fffff", "slow", *"fffff", "slow", *"ff"]:  # slow pauses 6 requests, f 1
+        run.turn(name)
+    slow, fast = agent_of(driver, "slow"), agent_of(driver, "f")
+    assert slow.pauses.gap == 6 and fast.pauses.gap < 2
+    assert fast.context_next_use < slow.context_next_use  # f is expected back first
+    driver.cache.evict(EvictParams(num_tokens=1))
+    assert not run.cached_tail("slow") and run.cached_tail("f")
+    driver.check_accounting()
+
+
+def test_a_context_nobody_resumes_falls_behind_live_ones():
+    driver = CacheDriver(size=1000)
+    run = Sessions(driver)
+    for name in ["gone", "live", "gone", "live", "gone", *(["live"] * 12)]:  # gone stops, 1 apart
+        run.turn(name)
+    gone, live = agent_of(driver, "gone"), agent_of(driver, "live")
+    assert gone.pauses.gap == 2 and live.pauses.gap < 1.5
+    assert gone.pauses.stretch > 0  # reviewed: its pause is expected to go on
+    assert live.context_next_use < gone.context_next_use
+    driver.cache.evict(EvictParams(num_tokens=1))
+    assert not run.cached_tail("gone") and run.cached_tail("live")
+    driver.check_accounting()
+
+
+def test_an_evicted_context_end_leaves_the_rest_of_the_context_owned():
+    driver = CacheDriver(size=1000)
+    contexts = session(driver, 3)
+    agent = agent_of(driver)
+    end, rest = agent.context, agent.context.parent
+    driver.cache.evict(EvictParams(num_tokens=len(end.key)))  # the only leaf: the context's end
+    assert driver.cached_len(contexts[2]) == len(contexts[2]) - len(end.key)
+    assert agent.context is rest and agent.context_tokens == len(contexts[2]) - len(end.key)
+    assert rest.kvflow.next_use == agent.context_next_use
     driver.check_accounting()
 
 

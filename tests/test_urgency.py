@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvflow.cache.pauses import AgentPauses
 from kvflow.cache.urgency import REVIEW_FACTOR, LogicalClock, WorkflowPace
 from kvflow.cache.workflow_table import WorkflowTable
 from kvflow.harness.offline import CacheDriver
@@ -138,3 +139,37 @@ def test_a_hint_moves_the_agents_it_names_and_leaves_the_others_where_they_were(
     _, changed = table.observe(WorkflowHint("w", "a", 4, {"c": 3}), [1, 2, 3, 4])
     # restating the same steps moves them too: three hops are now counted from the latest step
     assert c in changed and c.next_use == (0, workflow.pace.expected_at(3)) and c.next_use > c_before
+
+
+def test_an_agent_expects_its_next_request_one_smoothed_gap_after_its_latest():
+    clock = LogicalClock()
+    agent = AgentPauses(clock)
+    clock.tick()
+    agent.request()
+    assert (agent.observed, agent.expected) == (0, 2.0)  # unmeasured: the prior gap, 1
+    for _ in range(4):
+        clock.tick()
+    agent.request()
+    assert (agent.gap, agent.observed, agent.expected) == (4.0, 1, 9.0)
+    assert clock.prior_pause == 4.0  # the first measured pause replaces the prior
+    clock.tick()
+    clock.tick()
+    agent.request()
+    assert agent.gap == 3.0 and agent.expected == 10.0  # halfway from 4 toward 2
+    assert AgentPauses(clock).estimate == 3.0  # a new agent takes the prior
+
+
+def test_a_pause_past_its_review_is_expected_to_last_as_long_again_and_more():
+    clock = LogicalClock()
+    agent = AgentPauses(clock)
+    for _ in range(2):
+        clock.tick()
+        agent.request()
+    assert (agent.expected, agent.review_at) == (3.0, 4.0)
+    while clock.now < agent.review_at:
+        clock.tick()
+    agent.review()
+    assert agent.stretch == 4.0 and agent.expected == 6.0 and agent.review_at == 6.0
+    clock.tick()
+    agent.request()  # it resumed: the stretch is gone and the long pause measured
+    assert agent.stretch == 0.0 and agent.gap == 2.0 and agent.expected == 7.0  # halfway to 3

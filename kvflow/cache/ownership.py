@@ -243,11 +243,16 @@ class Ownership:
             _set_child_value(parent.kvflow, new_node, value)
 
     def detach_removed_node(self, node: Any, parent: Any) -> None:
-        """Forget the owners of a node just deleted from the tree, then fix its ancestors."""
+        """Forget the owners of a node just deleted from the tree, then fix its ancestors.
+
+        A context whose end was evicted shrinks to ``parent`` while that still ends past the
+        agent's fixed prompt: what is left of it is still the agent's to resume (a prefix hit).
+        """
         state = node.kvflow
         for agent in state.owners:
             agent.node = None
-        for agent in state.contexts:
+        shrunk = state.contexts
+        for agent in shrunk:
             agent.context = None
         state.owners, state.contexts = [], []
         state.own_next_use = None
@@ -257,3 +262,7 @@ class Ownership:
             if parent.parent is not None:
                 parent.kvflow.child_mins.discard(node)
                 self._propagate(parent)
+        for agent in shrunk:
+            agent.context_tokens -= len(node.key)
+            if parent.parent is not None and agent.context_tokens > (agent.fixed_prefix_len or 0):
+                self.assign_context(agent, parent)

@@ -48,12 +48,14 @@ def smoothed(estimate: float, sample: float, measured: bool) -> float:
 
 @dataclass(eq=False)
 class LogicalClock:
-    """The cache's clock (hinted requests admitted) and the prior pace of unmeasured workflows."""
+    """The cache's clock (hinted requests admitted) and the priors of unmeasured workflows and agents."""
 
     mode: str = "time"
     now: int = 0
     prior_interval: float = 1.0
+    prior_pause: float = 1.0  # the smoothed gap between one agent's requests (kvflow.cache.pauses)
     _measured: bool = False
+    _pause_measured: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in URGENCY_MODES:
@@ -67,6 +69,11 @@ class LogicalClock:
         """One workflow's interval was measured: fold it into the prior."""
         self.prior_interval = smoothed(self.prior_interval, interval, self._measured)
         self._measured = True
+
+    def pause_measured(self, gap: int) -> None:
+        """One agent's gap between requests was measured: fold it into the prior pause."""
+        self.prior_pause = smoothed(self.prior_pause, gap, self._pause_measured)
+        self._pause_measured = True
 
 
 @dataclass(eq=False)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvflow.cache.lazy_heap import check_heap_order, needs_compaction, next_version
+from kvflow.cache.pauses import AgentPauses
 from kvflow.cache.urgency import LogicalClock, WorkflowPace, smoothed
 from kvflow.config import KVFlowConfig
 from kvflow.expiring_table import ExpiringTable, WhenFull
@@ -94,6 +95,11 @@ class AgentState:
     context_over_budget: bool = False  # its context is past its workflow's share of the pool
     resumes: bool | None = None  # its latest prompt extended the one before (None: not seen twice)
     prompt_record: tuple[int, int] | None = None  # (length, hash) of its latest prompt
+    pauses: AgentPauses = field(init=False)  # its gaps between requests: when its context resumes
+    review_version: int = -1  # the version of its current pause-review heap entry
+
+    def __post_init__(self) -> None:
+        self.pauses = AgentPauses(self.pace.clock)
 
     @property
     def steps(self) -> int | None:
@@ -124,10 +130,14 @@ class AgentState:
 
     @property
     def context_next_use(self) -> tuple[int, float] | None:
-        """The key its context is ordered by: its :attr:`next_use` with the context's own budget flag."""
+        """The key its context is ordered by: ``(context over budget, when its next request is
+        expected)``, from its own pauses (:mod:`kvflow.cache.pauses`); with urgency ``hops``, its
+        steps as for :attr:`next_use`. None when its steps are unknown (forgotten)."""
         if self.expected_at is None:
             return None
-        return (int(self.context_over_budget), self.expected_at)
+        if self.pace.clock.mode == "hops":
+            return (int(self.context_over_budget), self.expected_at)
+        return (int(self.context_over_budget), self.pauses.expected)
 
 
 @dataclass(eq=False)
@@ -169,6 +179,8 @@ class WorkflowTable:
         self.logical_clock = LogicalClock(urgency)
         # (review_at, version, workflow), earliest first: stalled workflows to move (urgency.py).
         self._reviews: list[tuple[float, int, WorkflowState]] = []
+        # (review_at, version, agent), earliest first: agents paused long, to move (pauses.py).
+        self._pause_reviews: list[tuple[float, int, AgentState]] = []
         self.agent_count = 0
         # Least recently hinted first. Cap rules: past max_workflows the oldest is dropped, and
         # expire() keeps dropping the oldest while max_agents would be exceeded (never refused).
@@ -212,13 +224,46 @@ class WorkflowTable:
         agent = self._agent(workflow, hint.agent_id)
         if agent is not None:
             self._update_fixed_prefix(agent, hint, prompt)
+            agent.pauses.request()
         steps = dict(hint.steps_to_execution)
         steps.setdefault(hint.agent_id, 0)
         changed = self._merge_steps(workflow, steps)
         if self.logical_clock.mode == "time":
             changed += self._review_stalled()  # the clock ticked: it may have reached other reviews
+            changed += self._review_paused()
             self._schedule_review(workflow)
+            if agent is not None:
+                self._schedule_pause_review(agent)
         return agent, changed
+
+    def _schedule_pause_review(self, agent: AgentState) -> None:
+        version = agent.review_version = next_version()
+        heapq.heappush(self._pause_reviews, (agent.pauses.review_at, version, agent))
+        if needs_compaction(len(self._pause_reviews), self.agent_count):
+            self._pause_reviews = [entry for entry in self._pause_reviews if self._live_pause_review(entry)]
+            heapq.heapify(self._pause_reviews)
+
+    def _live_pause_review(self, entry: tuple[float, int, AgentState]) -> bool:
+        """Whether ``entry`` is its agent's current one (still tracked, not resumed since)."""
+        _, version, agent = entry
+        if version != agent.review_version:
+            return False
+        workflow = self._workflows.get(agent.workflow_id)
+        return workflow is not None and workflow.agents.get(agent.agent_id) is agent
+
+    def _review_paused(self) -> list[AgentState]:
+        """Stretch the pauses past their review time; return the agents owning a context among them."""
+        now, changed = self.logical_clock.now, []
+        while self._pause_reviews and self._pause_reviews[0][0] <= now:
+            entry = heapq.heappop(self._pause_reviews)
+            if not self._live_pause_review(entry):
+                continue
+            agent = entry[2]
+            agent.pauses.review()
+            if agent.context is not None:
+                changed.append(agent)
+            self._schedule_pause_review(agent)
+        return changed
 
     def _schedule_review(self, workflow: WorkflowState) -> None:
         version = workflow.review_version = next_version()
@@ -244,6 +289,15 @@ class WorkflowTable:
             assert due == review_at, (
                 f"workflow {workflow.workflow_id}: review entry due {due}, not {review_at}"
             )
+        check_heap_order(self._pause_reviews, "pause review heap")
+        paused = {id(e[2]): e[0] for e in self._pause_reviews if self._live_pause_review(e)}
+        for workflow in self._workflows.values():
+            for agent in workflow.agents.values():
+                if agent.pauses.last_request:
+                    due, review_at = paused.get(id(agent)), agent.pauses.review_at
+                    assert due == review_at, (
+                        f"agent {agent.workflow_id}/{agent.agent_id}: pause review due {due}, not {review_at}"
+                    )
 
     def _review_stalled(self) -> list[AgentState]:
         """Stretch the workflows whose step is past its review time; return their agents."""
