@@ -12,6 +12,8 @@ client, given or built from ``url``; ``extra_body`` carries the hint). Usage: do
   ``X-SMG-Routing-Key`` header, the form SGLang's router forwards (``router=True`` behind one).
 - ``fixed_prefix`` marks the agent's fixed prompt, measured once per distinct value with the
   server's ``/tokenize`` or left to the server. Details: :class:`Workflow`.
+- ``last_turn=True`` on any call says the agent will not resume it (``keep_context: false``);
+  :meth:`Workflow.conversation` keeps a multi-turn, tool-calling chat (``kvflow.conversation``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from urllib.parse import quote
 import httpx
 
 from kvflow import WORKFLOWS_ROUTE
+from kvflow.conversation import AsyncConversation, Conversation
 from kvflow.graph import AgentStepGraph
 from kvflow.hints import GRAPH_KEY, ROUTED_FIELD, TRANSPORT_KEY, common_prefix_len
 
@@ -109,16 +112,26 @@ class _WorkflowBase:
     def _registration(self) -> dict[str, Any]:
         return {"workflow_id": self.workflow_id, "graph": self.graph.to_json()}
 
-    def hint(self, agent_id: str, fixed_prefix_len: int | None = None) -> dict[str, Any]:
-        """The ``kvflow`` hint this workflow attaches to a call of ``agent_id``."""
+    def hint(
+        self, agent_id: str, fixed_prefix_len: int | None = None, last_turn: bool = False
+    ) -> dict[str, Any]:
+        """The ``kvflow`` hint this workflow attaches to a call of ``agent_id``.
+
+        ``last_turn``: the agent will not resume this call's prompt + output (``keep_context:
+        false``), so the server keeps it as plain LRU at once.
+        """
         hint: dict[str, Any] = {"workflow_id": self.workflow_id, "agent_id": agent_id}
         if fixed_prefix_len is not None:
             hint["fixed_prefix_len"] = fixed_prefix_len
+        if last_turn:
+            hint["keep_context"] = False
         return hint
 
-    def _session_params(self, given: Any, agent_id: str, fixed_prefix_len: int | None) -> dict[str, Any]:
+    def _session_params(
+        self, given: Any, agent_id: str, fixed_prefix_len: int | None, last_turn: bool
+    ) -> dict[str, Any]:
         """``session_params`` carrying the hint (and behind a router the graph), beside ``given``'s keys."""
-        carried = {**(given or {}), TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len)}
+        carried = {**(given or {}), TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len, last_turn)}
         if self.router and self.graph is not None:
             carried[GRAPH_KEY] = self.graph.to_json()
         return carried
@@ -183,17 +196,21 @@ class _WorkflowBase:
         input_ids: Sequence[int] | None,
         fixed_prefix_len: int | None,
         sampling_params: Mapping[str, Any] | None,
+        last_turn: bool,
         fields: dict[str, Any],
     ) -> dict[str, Any]:
         prompt = {"text": text} if text is not None else {"input_ids": list(input_ids)}
-        session = self._session_params(fields.pop(ROUTED_FIELD, None), agent_id, fixed_prefix_len)
+        given = fields.pop(ROUTED_FIELD, None)
+        session = self._session_params(given, agent_id, fixed_prefix_len, last_turn)
         return {**prompt, "sampling_params": dict(sampling_params or {}), **fields, ROUTED_FIELD: session}
 
-    def _openai_kwargs(self, agent_id: str, fixed_prefix_len: int | None, kwargs: dict[str, Any]) -> dict:
+    def _openai_kwargs(
+        self, agent_id: str, fixed_prefix_len: int | None, last_turn: bool, kwargs: dict[str, Any]
+    ) -> dict:
         kwargs.setdefault("model", DEFAULT_MODEL)
         extra_body = dict(kwargs.get("extra_body") or {})
         extra_body[ROUTED_FIELD] = self._session_params(
-            extra_body.get(ROUTED_FIELD), agent_id, fixed_prefix_len
+            extra_body.get(ROUTED_FIELD), agent_id, fixed_prefix_len, last_turn
         )
         kwargs["extra_body"] = extra_body
         kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **self._routing_headers()}
@@ -289,12 +306,13 @@ class Workflow(_WorkflowBase):
         input_ids: Sequence[int] | None = None,
         fixed_prefix: int | str | None = None,
         sampling_params: Mapping[str, Any] | None = None,
+        last_turn: bool = False,
         **fields: Any,
     ) -> dict[str, Any]:
         """``POST /generate`` as ``agent_id``; ``fields`` are further body fields."""
         fixed_len = self._resolve(self._text_prefix(self._prompt(text, input_ids), fixed_prefix))
         self.register()
-        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, fields)
+        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, last_turn, fields)
         return self._request("POST", "/generate", body)
 
     def chat(
@@ -303,23 +321,34 @@ class Workflow(_WorkflowBase):
         messages: Sequence[Mapping[str, Any]],
         *,
         fixed_prefix: int | str | None = "system",
+        last_turn: bool = False,
         **kwargs: Any,
     ) -> Any:
         """``client.chat.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = self._resolve(self._chat_prefix(messages, fixed_prefix))
         self.register()
         return self.openai.chat.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, {"messages": list(messages), **kwargs})
+            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"messages": list(messages), **kwargs})
         )
 
+    def conversation(self, agent_id: str, system: str | None = None, **defaults: Any) -> Conversation:
+        """A growing chat of ``agent_id`` (``defaults``: ``chat`` arguments of every turn)."""
+        return Conversation(self, agent_id, system=system, **defaults)
+
     def completion(
-        self, agent_id: str, prompt: str, *, fixed_prefix: int | str | None = None, **kwargs: Any
+        self,
+        agent_id: str,
+        prompt: str,
+        *,
+        fixed_prefix: int | str | None = None,
+        last_turn: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """``client.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = self._resolve(self._text_prefix(prompt, fixed_prefix))
         self.register()
         return self.openai.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, {"prompt": prompt, **kwargs})
+            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"prompt": prompt, **kwargs})
         )
 
     def set_frontier(
@@ -407,12 +436,13 @@ class AsyncWorkflow(_WorkflowBase):
         input_ids: Sequence[int] | None = None,
         fixed_prefix: int | str | None = None,
         sampling_params: Mapping[str, Any] | None = None,
+        last_turn: bool = False,
         **fields: Any,
     ) -> dict[str, Any]:
         """``POST /generate`` as ``agent_id``; ``fields`` are further body fields."""
         fixed_len = await self._resolve(self._text_prefix(self._prompt(text, input_ids), fixed_prefix))
         await self.register()
-        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, fields)
+        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, last_turn, fields)
         return await self._request("POST", "/generate", body)
 
     async def chat(
@@ -421,23 +451,34 @@ class AsyncWorkflow(_WorkflowBase):
         messages: Sequence[Mapping[str, Any]],
         *,
         fixed_prefix: int | str | None = "system",
+        last_turn: bool = False,
         **kwargs: Any,
     ) -> Any:
         """``client.chat.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = await self._resolve(self._chat_prefix(messages, fixed_prefix))
         await self.register()
         return await self.openai.chat.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, {"messages": list(messages), **kwargs})
+            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"messages": list(messages), **kwargs})
         )
 
+    def conversation(self, agent_id: str, system: str | None = None, **defaults: Any) -> AsyncConversation:
+        """A growing chat of ``agent_id`` (``defaults``: ``chat`` arguments of every turn)."""
+        return AsyncConversation(self, agent_id, system=system, **defaults)
+
     async def completion(
-        self, agent_id: str, prompt: str, *, fixed_prefix: int | str | None = None, **kwargs: Any
+        self,
+        agent_id: str,
+        prompt: str,
+        *,
+        fixed_prefix: int | str | None = None,
+        last_turn: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """``client.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = await self._resolve(self._text_prefix(prompt, fixed_prefix))
         await self.register()
         return await self.openai.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, {"prompt": prompt, **kwargs})
+            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"prompt": prompt, **kwargs})
         )
 
     async def set_frontier(
