@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from openai.types.chat import ChatCompletion
 
 from kvflow.client import ROUTING_HEADER, AsyncWorkflow, KVFlowError, Workflow
 from kvflow.graph import AgentStepGraph
@@ -208,3 +209,98 @@ def test_registering_through_a_router_says_to_pass_router_true():
     with pytest.raises(KVFlowError, match="router=True") as error:
         workflow.generate("planner", text="x")
     assert error.value.status == 404
+
+
+def test_last_turn_sends_keep_context_false_on_every_call_style():
+    server = FakeServer()
+    workflow = workflow_with(server)
+    workflow.generate("planner", text="x", last_turn=True)
+    workflow.chat("planner", [{"role": "user", "content": "x"}], last_turn=True)
+    workflow.completion("coder", "x", last_turn=True)
+    workflow.completion("coder", "x")
+    hints = [hint_of(server.calls[-1][2])] + [hint_of(c["extra_body"]) for c in workflow.openai.created]
+    assert [hint.get("keep_context") for hint in hints] == [False, False, False, None]
+
+
+SEARCH = {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"q": "x"}'}}
+
+
+class ToolCallingOpenAI:
+    """``openai`` stand-in: the first chat reply calls a tool, later ones answer; ``fail`` raises."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.fail = False
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+
+    def _create(self, **kwargs):
+        if self.fail:
+            raise RuntimeError("server down")
+        self.created.append(kwargs)
+        message = {"role": "assistant", "content": None, "tool_calls": [SEARCH]}
+        if len(self.created) > 1:
+            message = {"role": "assistant", "content": f"answer {len(self.created)}"}
+        return ChatCompletion.model_validate(
+            {
+                "id": "c",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "default",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            }
+        )
+
+
+def test_a_conversation_keeps_replies_as_returned_and_answers_tool_calls():
+    server = FakeServer()
+    workflow = workflow_with(server)
+    workflow._openai = ToolCallingOpenAI()
+    conversation = workflow.conversation("planner", system=SYSTEM, max_tokens=4)
+    conversation.send("Find it.")
+    assert conversation.messages[-1] == {"role": "assistant", "tool_calls": [SEARCH]}
+    assert conversation.pending_tool_calls == [SEARCH]
+    conversation.tool_result("call_1", "found")
+    assert conversation.pending_tool_calls == []
+    workflow.openai.fail = True
+    with pytest.raises(RuntimeError):
+        conversation.send("lost")
+    workflow.openai.fail = False
+    conversation.send(temperature=0, last_turn=True)  # resumes after the tool's result
+
+    first, last = workflow.openai.created
+    assert first["messages"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Find it."},
+    ]
+    assert last["messages"] == [
+        *first["messages"],
+        {"role": "assistant", "tool_calls": [SEARCH]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "found"},
+    ]
+    assert first["max_tokens"] == last["max_tokens"] == 4 and last["temperature"] == 0
+    assert hint_of(first["extra_body"])["fixed_prefix_len"] > 0  # the system message
+    assert "keep_context" not in hint_of(first["extra_body"])
+    assert hint_of(last["extra_body"])["keep_context"] is False
+    assert conversation.messages[-1] == {"role": "assistant", "content": "answer 2"}
+
+
+def test_an_async_conversation_sends_through_the_async_workflow():
+    server = FakeServer()
+
+    async def scenario() -> list[dict]:
+        workflow = AsyncWorkflow("http://kvflow.test", None, openai_client=SimpleNamespace())
+        workflow._http = httpx.AsyncClient(base_url=workflow.url, transport=httpx.MockTransport(server))
+        fake = ToolCallingOpenAI()
+
+        async def create(**kwargs):
+            return fake._create(**kwargs)
+
+        workflow._openai.chat = SimpleNamespace(completions=SimpleNamespace(create=create))
+        conversation = workflow.conversation("solo", messages=[{"role": "user", "content": "hi"}])
+        await conversation.send()
+        conversation.tool_result("call_1", "done")
+        await conversation.send("and?")
+        return conversation.messages
+
+    roles = [message["role"] for message in asyncio.run(scenario())]
+    assert roles == ["user", "assistant", "tool", "user", "assistant"]
