@@ -15,10 +15,12 @@ import pytest
 pytest.importorskip("langgraph")
 
 from langchain_core.messages import HumanMessage, SystemMessage  # noqa: E402
-from langgraph.graph import END, START, StateGraph  # noqa: E402
+from langchain_core.tools import tool  # noqa: E402
+from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
+from langgraph.prebuilt import ToolNode  # noqa: E402
 from langgraph.types import Command  # noqa: E402
 from openai.types.chat import ChatCompletion  # noqa: E402
-from test_client import FakeServer  # noqa: E402
+from test_client import SEARCH, FakeServer, ToolCallingOpenAI  # noqa: E402
 
 from kvflow.client import AsyncWorkflow, Workflow  # noqa: E402
 from kvflow.integrations.langgraph import KVFlowChatModel, agent_step_graph  # noqa: E402
@@ -180,3 +182,76 @@ def test_chat_model_async_path_uses_the_async_workflow():
 
     assert asyncio.run(scenario())["log"] == ["first", "second"]
     assert server.paths("POST").count("/kvflow/workflows") == 1
+
+
+@tool
+def search(q: str) -> str:
+    """Search the web."""
+    return f"found {q}"
+
+
+def researcher(state: MessagesState, config) -> dict:
+    llm = config["configurable"]["llm"].bind_tools([search], tool_choice="auto")
+    return {"messages": [llm.invoke([SystemMessage("You research."), *state["messages"]])]}
+
+
+def route(state: MessagesState) -> Literal["tools", "writer"]:
+    return "tools" if state["messages"][-1].tool_calls else "writer"
+
+
+def writer(state: MessagesState, config) -> dict:
+    reply = config["configurable"]["llm"].invoke([SystemMessage("You write."), state["messages"][-1]])
+    return {"messages": [reply]}
+
+
+def react_team() -> StateGraph:
+    """researcher -> (tools -> researcher | writer), the tools a ``ToolNode``."""
+    builder = StateGraph(MessagesState)
+    builder.add_node("researcher", researcher)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_node("writer", writer)
+    builder.add_edge(START, "researcher")
+    builder.add_conditional_edges("researcher", route)
+    builder.add_edge("tools", "researcher")
+    builder.add_edge("writer", END)
+    return builder
+
+
+def test_a_tool_node_is_a_pause_of_the_agent_that_called_it():
+    builder = react_team()
+    assert graph_of(builder) == (
+        {"researcher": None, "writer": None},
+        [("researcher", "researcher"), ("researcher", "writer")],
+    )
+    server = FakeServer()
+    workflow = Workflow("http://kvflow.test", agent_step_graph(builder), openai_client=ToolCallingOpenAI())
+    workflow._http = httpx.Client(base_url=workflow.url, transport=httpx.MockTransport(server))
+    llm = KVFlowChatModel(workflow=workflow, max_tokens=4)
+    final = builder.compile().invoke({"messages": [HumanMessage("Find it.")]}, {"configurable": {"llm": llm}})
+
+    calls = workflow.openai.created
+    hints = [call["extra_body"]["session_params"]["kvflow"] for call in calls]
+    assert [hint["agent_id"] for hint in hints] == ["researcher", "researcher", "writer"]
+    first, resumed = calls[0]["messages"], calls[1]["messages"]
+    assert resumed[: len(first)] == first  # the researcher resumes its own growing context
+    assert resumed[len(first)]["tool_calls"][0]["id"] == SEARCH["id"]
+    tool_message = {"role": "tool", "tool_call_id": "call_1", "content": "found x", "name": "search"}
+    assert resumed[len(first) + 1] == tool_message
+    assert calls[0]["tools"][0]["function"]["name"] == "search" and calls[0]["tool_choice"] == "auto"
+    assert final["messages"][1].tool_calls[0]["args"] == {"q": "x"}
+    assert final["messages"][-1].content == "answer 3"
+
+
+def test_nodes_named_as_tool_nodes_are_pauses_too():
+    builder = StateGraph(MessagesState)
+    for name in ("planner", "lookup", "coder"):
+        builder.add_node(name, lambda state: {})
+    builder.add_edge(START, "planner")
+    builder.add_edge("planner", "lookup")
+    builder.add_edge("lookup", "coder")
+    builder.add_edge("coder", "planner")
+    assert graph_of(builder)[1] == [("coder", "planner"), ("lookup", "coder"), ("planner", "lookup")]
+    doc = agent_step_graph(builder, tool_nodes=["lookup"]).to_json()
+    assert sorted(map(tuple, doc["edges"])) == [("coder", "planner"), ("planner", "coder")]
+    with pytest.raises(ValueError, match="tool_nodes"):
+        agent_step_graph(builder, tool_nodes=["missing"])
