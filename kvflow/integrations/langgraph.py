@@ -5,8 +5,8 @@ not) into an :class:`~kvflow.graph.AgentStepGraph` to register with a
 :class:`~kvflow.client.Workflow`; :class:`KVFlowChatModel` is a LangChain chat model whose calls go
 through that workflow as the node that makes them, so a node's prompts are served as that agent's.
 
-- Every node is an agent of the same name, every edge LangGraph may take is an edge (the mapping
-  in full is in :func:`agent_step_graph`).
+- Every node but a tool node is an agent of the same name, every edge LangGraph may take is an
+  edge (the mapping in full is in :func:`agent_step_graph`).
 - A node with several predecessors is an ``"or"`` join, as LangGraph runs it once any incoming
   edge fires, unless they all come from waiting edges (``"and"``).
 - A subgraph node is one agent: the calls made inside it count as the outer node's.
