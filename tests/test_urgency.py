@@ -155,8 +155,8 @@ def test_an_agent_expects_its_next_request_one_smoothed_gap_after_its_latest():
     clock.tick()
     clock.tick()
     agent.request()
-    assert agent.gap == 3.0 and agent.expected == 10.0  # halfway from 4 toward 2
-    assert AgentPauses(clock).estimate == 3.0  # a new agent takes the prior
+    assert agent.gap == pytest.approx(8**0.5)  # halfway from 4 toward 2 in log space
+    assert AgentPauses(clock).estimate == pytest.approx(8**0.5)  # a new agent takes the prior
 
 
 def test_a_pause_past_its_review_is_expected_to_last_as_long_again_and_more():
@@ -172,4 +172,4 @@ def test_a_pause_past_its_review_is_expected_to_last_as_long_again_and_more():
     assert agent.stretch == 4.0 and agent.expected == 6.0 and agent.review_at == 6.0
     clock.tick()
     agent.request()  # it resumed: the stretch is gone and the long pause measured
-    assert agent.stretch == 0.0 and agent.gap == 2.0 and agent.expected == 7.0  # halfway to 3
+    assert agent.stretch == 0.0 and agent.gap == pytest.approx(3**0.5)  # halfway to 3 in log space

@@ -12,7 +12,8 @@ Runs in SGLang's scheduler process (one per rank), on the scheduler thread. Each
 - ``node_state``: kvflow's one slot on a tree node (``node.kvflow``)
 - ``ownership``: each node's most urgent owner below it
 - ``contexts``: which agents resume their latest context (prompt + output), so own it
-- ``lazy_heap``: the staleness and compaction rule of the three lazy-deletion heaps
+- ``pauses``: each agent's gaps between requests: when its context is next used
+- ``lazy_heap``: the staleness and compaction rule of the lazy-deletion heaps
 - ``eviction``: the order SGLang evicts in, both tiers
 - ``victims``: device victims from one heap kept across evictions
 - ``tree_core``: the radix tree's own bookkeeping (ownership through splits and removals)

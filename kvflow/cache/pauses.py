@@ -1,11 +1,13 @@
 """When a paused agent resumes: its own pauses, measured on the cache's logical clock.
 
 An agent that resumes its context (a multi-turn chat, a tool loop) sends its next request after
-a pause: a tool runs, a user types, sub-agents work. Each agent keeps the smoothed gap between
-its consecutive hinted requests (``gap``, in ticks of :class:`~kvflow.cache.urgency.LogicalClock`)
-and expects its next request one gap after its latest (``expected``, fixed when set, so every
-tensor-parallel rank and the tree's cached values agree). An agent not measured yet takes the
-cache's prior: the smoothed gap over every agent's measured pauses (1 before any).
+a pause: a tool runs, a user types, sub-agents work. Each agent keeps the gap between its
+consecutive hinted requests (``gap``, in ticks of :class:`~kvflow.cache.urgency.LogicalClock`),
+smoothed in log space (a geometric mean: tool latencies are heavy-tailed, and one long pause
+must not make an agent look idle for many turns), and expects its next request one gap after
+its latest (``expected``, fixed when set, so every tensor-parallel rank and the tree's cached
+values agree). An agent not measured yet takes the cache's prior, smoothed the same way over
+every agent's measured pauses (1 before any).
 
 A pause that runs ``REVIEW_FACTOR`` times its gap is reviewed, as a stalled workflow is
 (:mod:`kvflow.cache.urgency`): it is now expected to last ``REVIEW_FACTOR`` times as long as it
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvflow.cache.urgency import REVIEW_FACTOR, LogicalClock, smoothed
+from kvflow.cache.urgency import REVIEW_FACTOR, LogicalClock, smoothed_gap
 
 
 @dataclass(eq=False)
@@ -25,7 +27,7 @@ class AgentPauses:
 
     clock: LogicalClock
     last_request: int = 0  # clock reading at its latest hinted request (0: none yet)
-    gap: float = 0.0  # smoothed clock advance between its consecutive requests
+    gap: float = 1.0  # clock advance between its consecutive requests, smoothed in log space
     observed: int = 0  # pauses measured
     stretch: float = 0.0  # how long its current pause is expected to last, set by a review
     expected: float = 0.0  # when its next request is expected (fixed when set)
@@ -36,7 +38,7 @@ class AgentPauses:
         now = self.clock.now
         if self.last_request:
             pause = now - self.last_request
-            self.gap = smoothed(self.gap, pause, self.observed > 0)
+            self.gap = smoothed_gap(self.gap, pause, self.observed > 0)
             self.observed += 1
             self.clock.pause_measured(pause)
         self.last_request, self.stretch = now, 0.0

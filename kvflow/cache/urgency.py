@@ -32,6 +32,7 @@ kept for comparison; nothing is reviewed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 URGENCY_MODES = ("time", "hops")
@@ -46,6 +47,11 @@ def smoothed(estimate: float, sample: float, measured: bool) -> float:
     return estimate + SMOOTHING * (sample - estimate) if measured else float(sample)
 
 
+def smoothed_gap(gap: float, sample: int, measured: bool) -> float:
+    """:func:`smoothed` in log space (a geometric mean, for heavy-tailed gaps of at least 1 tick)."""
+    return math.exp(smoothed(math.log(gap), math.log(sample), True)) if measured else float(sample)
+
+
 @dataclass(eq=False)
 class LogicalClock:
     """The cache's clock (hinted requests admitted) and the priors of unmeasured workflows and agents."""
@@ -53,7 +59,7 @@ class LogicalClock:
     mode: str = "time"
     now: int = 0
     prior_interval: float = 1.0
-    prior_pause: float = 1.0  # the smoothed gap between one agent's requests (kvflow.cache.pauses)
+    prior_pause: float = 1.0  # an agent's gap between requests, smoothed in log space (pauses.py)
     _measured: bool = False
     _pause_measured: bool = False
 
@@ -72,7 +78,7 @@ class LogicalClock:
 
     def pause_measured(self, gap: int) -> None:
         """One agent's gap between requests was measured: fold it into the prior pause."""
-        self.prior_pause = smoothed(self.prior_pause, gap, self._pause_measured)
+        self.prior_pause = smoothed_gap(self.prior_pause, gap, self._pause_measured)
         self._pause_measured = True
 
 
