@@ -67,11 +67,13 @@ class KVFlowConfig:
     )
     prefetch: bool = _option(
         True,
-        "With --enable-hierarchical-cache, load the fixed prompts of the agents due next "
-        "from host to device in the background.",
+        "With --enable-hierarchical-cache, load the fixed prompts of the agents due next and "
+        "the contexts of paused agents about to resume from host to device in the background.",
     )
     prefetch_steps: int = _option(
-        1, "Prefetch agents whose steps-to-execution is at most this (and at least 1)."
+        1,
+        "Prefetch agents whose steps-to-execution is at most this (and at least 1), and contexts "
+        "whose agent's next request is expected within this many hinted requests.",
     )
     max_prefetch_tokens: int = _option(65536, "Prefetched tokens in flight at once.")
     emulate_link_gbps: float = _option(

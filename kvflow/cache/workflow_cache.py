@@ -257,6 +257,8 @@ class WorkflowCache:
         ownership.assign_context(agent, node)
         agent.context_tokens = length
         self._refresh_next_use([], self.workflows.get(agent.workflow_id))
+        if self.prefetcher is not None:
+            self.prefetcher.watch_context(agent)  # paused until its next request: prefetch it then
 
     def _boundary_node(
         self, token_ids: Sequence[int], length: int, extra_key: str | None, cache_salt: str | None

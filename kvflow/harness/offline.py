@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from sglang.srt.mem_cache.allocator import (
@@ -25,6 +26,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+from sglang.srt.runtime_context import get_server_args
 
 from kvflow.cache.eviction import POLICY_NAME, register_eviction_policy
 from kvflow.cache.integrity import check_pool_accounting
@@ -36,8 +38,8 @@ from kvflow.hints import WorkflowHint
 class RecordingAllocator(TokenToKVPoolAllocator):
     """The real allocator, remembering every freed index in order."""
 
-    def __init__(self, size: int) -> None:
-        super().__init__(size, torch.float32, "cpu", kvcache=None, need_sort=False)
+    def __init__(self, size: int, kvcache: Any = None) -> None:
+        super().__init__(size, torch.float32, "cpu", kvcache=kvcache, need_sort=False)
         self.freed: list[int] = []
 
     def free(self, free_index: torch.Tensor) -> None:
@@ -52,6 +54,12 @@ class CacheDriver:
     ``check_every`` spaces the invariant checks of :meth:`serve` (each walks the
     whole tree): 1, the default, checks after every request; replays of
     thousands of workflows check every ``check_every``-th and at the end.
+
+    ``host_tier``: the cache gets SGLang's real host tier (HiCache) over a tiny real KV pool, as
+    SGLang's factory builds it for ``--enable-hierarchical-cache``; the caller publishes the server
+    args it reads (``get_context().override_server_args``) and, without CUDA, puts the
+    ``sgl_kernel`` stand-in on the path and the ``cpu_host_tier`` patch's hooks in place. The
+    scheduler's per-iteration ``check_hicache_events`` is then the caller's to run.
     """
 
     size: int
@@ -61,6 +69,7 @@ class CacheDriver:
     page_size: int = 1
     check_every: int = 1
     session_radix: bool = False  # SGLang's --enable-session-radix-cache
+    host_tier: bool = False
     allocator: BaseTokenToKVPoolAllocator = field(init=False)
     cache: UnifiedRadixCache = field(init=False)
     served: int = field(init=False, default=0)
@@ -68,11 +77,12 @@ class CacheDriver:
     def __post_init__(self) -> None:
         register_eviction_policy()
         register_tree_core()
+        kvcache = self._kv_pool() if self.host_tier else None
         if self.page_size == 1:
-            self.allocator = RecordingAllocator(self.size)
+            self.allocator = RecordingAllocator(self.size, kvcache)
         else:
             self.allocator = PagedTokenToKVPoolAllocator(
-                self.size, self.page_size, torch.float32, "cpu", kvcache=None, need_sort=False
+                self.size, self.page_size, torch.float32, "cpu", kvcache=kvcache, need_sort=False
             )
         params = CacheInitParams(
             disable=False,
@@ -86,6 +96,17 @@ class CacheDriver:
             enable_session_radix_cache=self.session_radix,
         )
         self.cache = self.cache_class(params)
+        if self.host_tier:
+            self.cache.init_hicache(get_server_args(), params)
+
+    def _kv_pool(self) -> Any:
+        """A real device KV pool of ``size`` tokens, as small as SGLang allows (what a host tier copies)."""
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # needs sgl_kernel (see above)
+
+        return MHATokenToKVPool(
+            self.size, self.page_size, torch.float32, head_num=1, head_dim=4, layer_num=2,
+            device="cpu", enable_memory_saver=False,
+        )  # fmt: skip
 
     def check_accounting(self) -> None:
         """Pool accounting; for a ``WorkflowRadixCache``, its full ``check_integrity()``."""
@@ -120,6 +141,8 @@ class CacheDriver:
         """
         cache, core, page = self.cache, workflow_cache(self.cache), self.page_size
         agent = core.observe_hint(hint, tokens[:prompt_len]) if hint is not None else None
+        if agent is not None and core.prefetcher is not None:
+            core.prefetcher.on_admit(agent)
         generation = (
             cache.ensure_session_generation(session_id) if self.session_radix and session_id else None
         )
