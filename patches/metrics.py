@@ -22,6 +22,7 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from kvflow.cache.ownership import RELEASE_REASONS
 from kvflow.cache.radix_cache import workflow_cache
 
 TARGETS = (
@@ -67,6 +68,11 @@ def _evicted(unit: str) -> Reader:
     return read
 
 
+def _contexts_released(summary: Summary) -> dict[tuple[str, ...], float]:
+    released = summary["contexts"]["released"]
+    return {(reason,): released[reason] for reason in RELEASE_REASONS}
+
+
 def _prefetch_outcomes(summary: Summary) -> dict[tuple[str, ...], float]:
     prefetch = summary["prefetch"]
     return {} if prefetch is None else {(outcome,): prefetch[outcome] for outcome in PREFETCH_OUTCOMES}
@@ -103,6 +109,20 @@ COUNTERS = (
         "Radix-tree nodes evicted, by tier and by class (owned: a tracked agent's fixed prompt).",
         ("tier", "class"),
         _evicted("nodes"),
+    ),
+    SeriesSpec(
+        "kvflow:contexts_shrunk_total",
+        "Agent contexts whose end was evicted and that stayed owned, shorter.",
+        (),
+        _scalar("contexts", "shrunk"),
+    ),
+    SeriesSpec(
+        "kvflow:contexts_released_total",
+        "Agent contexts released, by reason: not_resumed (the next prompt did not extend it), "
+        "last_turn (keep_context false), forgotten (its workflow ended or expired), "
+        "evicted (nothing past the fixed prompt was left).",
+        ("reason",),
+        _contexts_released,
     ),
     SeriesSpec("kvflow:prefetch_issued_total", f"{_PREFETCH} issued.", (), _scalar("prefetch", "issued")),
     SeriesSpec(
@@ -141,6 +161,19 @@ GAUGES = (
     SeriesSpec("kvflow:tracked_workflows", "Workflows tracked now.", (), _scalar("tracked", "workflows")),
     SeriesSpec(
         "kvflow:tracked_agents", "Agents tracked now, over all workflows.", (), _scalar("tracked", "agents")
+    ),
+    SeriesSpec("kvflow:context_agents", "Agents owning a context now.", (), _scalar("contexts", "agents")),
+    SeriesSpec(
+        "kvflow:context_tokens",
+        "Tokens of the contexts agents own now, summed over agents (a shared prefix once per agent).",
+        (),
+        _scalar("contexts", "tokens"),
+    ),
+    SeriesSpec(
+        "kvflow:prior_pause",
+        "The prior gap between one agent's requests, in logical-clock ticks (hinted requests admitted).",
+        (),
+        _scalar("urgency", "prior_pause"),
     ),
 )
 

@@ -7,8 +7,10 @@ from dataclasses import replace
 
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
+from kvflow.cache.urgency import REVIEW_FACTOR, smoothed
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
+from kvflow.stats_query import StatsQuery
 
 SYSTEM = list(range(1, 21))
 
@@ -193,6 +195,65 @@ def test_the_protected_share_counts_contexts_after_fixed_prompts():
     core.config = replace(core.config, max_protected_fraction=1.0)
     session(driver, 3)
     assert not agent.context_over_budget
+    driver.check_accounting()
+
+
+def test_stats_show_each_agents_context_and_pauses_and_the_cache_wide_totals():
+    driver = CacheDriver(size=1000)
+    core, run = driver.cache.kvflow, Sessions(driver)
+    for name in ["a", "b", "b", "a", "a", "c"]:  # a pauses 3 requests then 1, b 1; c comes once
+        run.turn(name)
+
+    def detail(name: str) -> dict:
+        return core.stats(StatsQuery(f"wf-{name}"))["workflow"]["agents"][name]["context"]
+
+    a, c, summary = detail("a"), detail("c"), core.stats()
+    assert {k: a[k] for k in ("tokens", "on_device", "on_host", "resumes", "over_budget")} == {
+        "tokens": len(run.contexts["a"]),
+        "on_device": len(run.contexts["a"]),
+        "on_host": 0,  # no host tier offline: HiCache's host copies are counted e2e
+        "resumes": True,
+        "over_budget": False,
+    }
+    gap = smoothed(3.0, 1, True)
+    assert a["next_use"] == (0, 5 + gap)
+    assert a["pauses"] == {
+        "observed": 2,
+        "gap": gap,
+        "gap_source": "measured",
+        "stretch": 0.0,
+        "last_request": 5,
+        "paused_for": 1,
+        "expected": 5 + gap,
+        "review_at": 5 + REVIEW_FACTOR * gap,
+    }
+    prior = summary["urgency"]["prior_pause"]
+    assert prior == smoothed(smoothed(1.0, 3, True), 1, True)  # b's pause, then a's two
+    assert c["pauses"]["gap_source"] == "prior" and c["pauses"]["gap"] == prior
+    assert c["pauses"]["observed"] == 0 and c["pauses"]["paused_for"] == 0
+    assert c["tokens"] == len(run.contexts["c"])  # seen once: owned, as the cache's prior says
+    assert summary["contexts"]["resume_prior"] == 1.0
+    assert summary["contexts"]["agents"] == 3
+    assert summary["contexts"]["tokens"] == sum(len(run.contexts[name]) for name in "abc")
+
+    driver.cache.evict(EvictParams(num_tokens=1))  # c's end, due last: nothing past SYSTEM is left
+    evicted = core.stats()["contexts"]
+    assert evicted["released"]["evicted"] == 1 and detail("c")["tokens"] == 0
+    assert (evicted["agents"], evicted["tokens"]) == (2, summary["contexts"]["tokens"] - c["tokens"])
+    driver.cache.evict(EvictParams(num_tokens=1))  # a's or b's end: that context shrinks
+    shrunk = core.stats()["contexts"]
+    assert shrunk["shrunk"] == 1 and shrunk["agents"] == 2
+    assert shrunk["tokens"] == detail("a")["tokens"] + detail("b")["tokens"] < evicted["tokens"]
+    assert all(detail(name)["on_device"] == detail(name)["tokens"] for name in "ab")
+
+    serve(driver, run.prompts["a"], fresh(9000, 5), agent="a", keep=False)  # a's last turn
+    serve(driver, SYSTEM + fresh(9100, 10), fresh(9200, 5), agent="b")  # b starts a new task
+    run.turn("d")
+    assert detail("d")["tokens"] == len(run.contexts["d"])
+    core.end_workflow("wf-d")
+    released = core.stats()["contexts"]
+    assert released["released"] == {"not_resumed": 1, "last_turn": 1, "forgotten": 1, "evicted": 1}
+    assert (released["agents"], released["tokens"]) == (0, 0) and detail("a")["tokens"] == 0
     driver.check_accounting()
 
 

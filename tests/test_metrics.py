@@ -39,7 +39,14 @@ def expected_series(summary: dict) -> Series:
         ("kvflow:agent_invocations_total", frozenset()): totals["invocations"],
         ("kvflow:tracked_workflows", frozenset()): summary["tracked"]["workflows"],
         ("kvflow:tracked_agents", frozenset()): summary["tracked"]["agents"],
+        ("kvflow:context_agents", frozenset()): summary["contexts"]["agents"],
+        ("kvflow:context_tokens", frozenset()): summary["contexts"]["tokens"],
+        ("kvflow:prior_pause", frozenset()): summary["urgency"]["prior_pause"],
+        ("kvflow:contexts_shrunk_total", frozenset()): summary["contexts"]["shrunk"],
     }
+    for reason in ("not_resumed", "last_turn", "forgotten", "evicted"):
+        labels = frozenset({("reason", reason)})
+        series[("kvflow:contexts_released_total", labels)] = summary["contexts"]["released"][reason]
     for tier in ("device", "host"):
         for cls in ("owned", "unowned"):
             labels = frozenset({("tier", tier), ("class", cls)})
@@ -59,7 +66,7 @@ def expected_series(summary: dict) -> Series:
     return series
 
 
-OWN_LABELS = ("cache_source", "tier", "class", "outcome")
+OWN_LABELS = ("cache_source", "tier", "class", "outcome", "reason")
 
 
 def kvflow_samples(exposition: str) -> tuple[Series, list[dict]]:
@@ -97,7 +104,8 @@ def test_each_series_equals_the_summary_under_the_schedulers_labels_and_stays_mo
     metrics.update()
     series, labels = scrape(registry)
     assert series == expected_series(driver.cache.kvflow.stats())
-    assert all(value == 0 for value in series.values())  # every series present from the start
+    # Every series present from the start: counts at 0, the prior pause at its prior (1 tick).
+    assert all(value == (name == "kvflow:prior_pause") for (name, _), value in series.items())
     assert labels and all(sample == SCHEDULER_LABELS for sample in labels)
 
     for _ in range(3):
@@ -130,3 +138,26 @@ def test_without_a_prefetcher_there_are_no_prefetch_series():
     names = {name for name, _ in scrape(registry)[0]}
     assert driver.cache.kvflow.stats()["prefetch"] is None
     assert names and not any("prefetch" in name for name in names)
+
+
+def test_the_context_series_follow_the_agents_contexts():
+    driver = CacheDriver(size=200)
+    registry = CollectorRegistry()
+    metrics = KVFlowMetrics(SCHEDULER_LABELS, driver.cache.kvflow.stats, registry=registry)
+    contexts = {agent: prompt(0) + [7000 + ord(agent)] for agent in "ab"}
+    for turn in range(3):  # two agents taking turns, each turn extending the agent's one before
+        for agent, context in contexts.items():
+            contexts[agent] = context = context + [100 * ord(agent) + 10 * turn + j for j in range(8)]
+            driver.serve(context, WorkflowHint(f"w{agent}", agent, 20, {agent: 0}))
+    driver.cache.evict(EvictParams(num_tokens=1))  # the end of one context: it shrinks
+    driver.cache.kvflow.end_workflow("wb")
+    metrics.update()
+    series, summary = scrape(registry)[0], driver.cache.kvflow.stats()
+    assert series == expected_series(summary)
+    context = driver.cache.kvflow.workflows.get("wa").agents["a"].context_tokens
+    assert series[("kvflow:context_agents", frozenset())] == 1
+    assert series[("kvflow:context_tokens", frozenset())] == context > 20
+    assert series[("kvflow:contexts_shrunk_total", frozenset())] == 1
+    assert series[("kvflow:contexts_released_total", frozenset({("reason", "forgotten")}))] == 1
+    assert series[("kvflow:prior_pause", frozenset())] == 2  # each agent's turns 2 requests apart
+    driver.check_accounting()

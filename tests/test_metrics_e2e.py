@@ -11,12 +11,14 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import OWN_LABELS, expected_series, kvflow_samples
 
-from kvflow.harness.demo import run_cyclic_workflow
+from kvflow.harness.demo import fixed_prompts, run_cyclic_workflow
 from kvflow.harness.server_process import ServerProcess
+from kvflow.model import BYTE_TOKENS
 
 pytestmark = pytest.mark.e2e
 
 AGENTS, FIXED, DYNAMIC, OUTPUT, ROUNDS = 6, 200, 8, 4, 3
+CHAT_SYSTEM, CHAT_TURNS = 40, 3
 # The two-tier setting of test_two_tier_e2e: a device pool for three fixed prompts, a host tier
 # for all of them, so prompts are evicted from the device and prefetched back.
 POOL = 3 * FIXED + 2 * (DYNAMIC + OUTPUT)
@@ -59,8 +61,29 @@ def scrape(server: ServerProcess) -> str:
     return response.text
 
 
+def chat(url: str) -> None:
+    """An agent whose every turn resends its previous prompt, its output and a tool's result."""
+    prompt = fixed_prompts(1, CHAT_SYSTEM, seed=7)[0]
+    for turn in range(CHAT_TURNS):
+        body = {
+            "input_ids": prompt,
+            "sampling_params": {"max_new_tokens": OUTPUT, "temperature": 0, "ignore_eos": True},
+            "kvflow": {
+                "workflow_id": "metrics-chat",
+                "agent_id": "chat",
+                "fixed_prefix_len": CHAT_SYSTEM,
+                "steps_to_execution": {"chat": 0},
+            },
+        }
+        response = requests.post(f"{url}/generate", json=body, timeout=300)
+        response.raise_for_status()
+        tool = [(31 * turn + j) % BYTE_TOKENS for j in range(DYNAMIC)]
+        prompt = prompt + response.json()["output_ids"] + tool
+
+
 def test_kvflow_series_equal_the_stats_under_sglangs_scheduler_labels(servers):
     server, _ = servers
+    chat(server.url)  # a context, then pushed off the device by the workflow's prompts
     run_cyclic_workflow(server.url, AGENTS, FIXED, DYNAMIC, OUTPUT, ROUNDS, workflow_id="metrics")
     # The scheduler publishes where SGLang publishes its own series; wait for the publication after
     # the last change (a prefetch may still complete once the last request is done).
@@ -74,7 +97,7 @@ def test_kvflow_series_equal_the_stats_under_sglangs_scheduler_labels(servers):
     print(f"/metrics matched /kvflow/stats {time.monotonic() - started:.1f}s after the workflow")
     print("\n".join(line for line in exposition.splitlines() if line.startswith("kvflow:")))
     assert series == expected_series(stats)
-    assert stats["totals"]["invocations"] == AGENTS * ROUNDS
+    assert stats["totals"]["invocations"] == AGENTS * ROUNDS + CHAT_TURNS
     assert stats["prefetch"]["issued"] > 0 and stats["evictions"]["device"]["owned"]["nodes"] > 0
 
     # Each kvflow sample carries exactly the labels of SGLang's scheduler gauges, with their values.
@@ -86,6 +109,15 @@ def test_kvflow_series_equal_the_stats_under_sglangs_scheduler_labels(servers):
     assert labels and all(sample == sglang_labels[0] for sample in labels)
     assert families["kvflow:evicted_tokens"].type == "counter"
     assert families["kvflow:tracked_workflows"].type == "gauge"
+
+    # The chat agent's context on the two tiers: HiCache's write-through put a host copy of each of
+    # its nodes (a node can be on both); the device keeps what the workflow's prompts left it.
+    detail = requests.get(f"{server.url}/kvflow/stats", params={"workflow_id": "metrics-chat"}, timeout=30)
+    context = detail.json()["workflow"]["agents"]["chat"]["context"]
+    print(context)
+    assert context["resumes"] and context["pauses"]["observed"] == CHAT_TURNS - 1
+    assert stats["contexts"]["agents"] == 1 and stats["contexts"]["tokens"] == context["tokens"] > CHAT_SYSTEM
+    assert context["on_host"] == context["tokens"] and context["on_device"] <= context["tokens"]
 
 
 def test_without_enable_metrics_no_kvflow_series_and_no_error(servers):

@@ -43,6 +43,14 @@ def _tree_nodes(root: Any) -> list[Any]:
     return nodes
 
 
+def _path_tokens(node: Any) -> int:
+    tokens = 0
+    while node.parent is not None:
+        tokens += len(node.key)
+        node = node.parent
+    return tokens
+
+
 def _name(agent: AgentState) -> str:
     return f"agent {agent.workflow_id}/{agent.agent_id}"
 
@@ -103,8 +111,10 @@ def check_integrity(cache: WorkflowRadixCache) -> None:
     per-child structure (exactly the children with a value, at their values)
     agree with the tree; owners and ``agent.node`` point at each other, context
     owners and ``agent.context`` too; no agent owns two fixed-prompt nodes or two
-    contexts; every owner is an agent the workflow table still tracks, and every
-    tracked agent's node and context are in the tree. Each lazy-deletion
+    contexts; each context's ``context_tokens`` is its path's length, and the
+    ownership's ``context_totals`` count them; every owner is an agent the
+    workflow table still tracks, and every tracked agent's node and context are
+    in the tree. Each lazy-deletion
     heap checks its own invariant: the per-child structures
     (:meth:`~kvflow.cache.ownership.ChildMins.check`), the victim heap where the
     tree core keeps one (:meth:`~kvflow.cache.victims.VictimHeap.check`) and the
@@ -146,6 +156,17 @@ def check_ownership(cache: WorkflowRadixCache) -> None:
     assert len({id(owner) for owner in contexts}) == len(contexts), (
         "an agent owns two contexts (or one twice)"
     )
+    totals = tree.ownership.context_totals
+    tokens = sum(agent.context_tokens for agent in contexts)
+    assert (totals.agents, totals.tokens) == (len(contexts), tokens), (
+        f"context totals {totals.agents} agents, {totals.tokens} tokens; "
+        f"the tree holds {len(contexts)} contexts of {tokens} tokens"
+    )
+    for agent in contexts:
+        path = _path_tokens(agent.context)
+        assert agent.context_tokens == path, (
+            f"{_name(agent)}'s context_tokens {agent.context_tokens} != its path's {path} tokens"
+        )
     if tree.ownership.victims is not None:
         tree.ownership.victims.check(tree.evictable_device_leaves)
     cache.kvflow.workflows.check()

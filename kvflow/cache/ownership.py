@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvflow.cache.lazy_heap import check_heap_order, needs_compaction, next_version
@@ -99,6 +100,26 @@ class ChildMins:
         )
 
 
+# Why an agent stopped owning its context: its latest prompt did not resume it (or the context
+# would not reach past its fixed prompt), its request said ``keep_context`` false, its workflow
+# was forgotten, or its end was evicted with nothing past the fixed prompt left.
+RELEASE_REASONS = ("not_resumed", "last_turn", "forgotten", "evicted")
+
+
+@dataclass
+class ContextTotals:
+    """The contexts agents of one tree own now, and counts of how they stopped being owned."""
+
+    agents: int = 0  # agents owning a context
+    tokens: int = 0  # their ``context_tokens``, summed (a shared prefix counts once per agent)
+    shrunk: int = 0  # contexts whose end was evicted and that kept what was left
+    released: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELEASE_REASONS, 0))
+
+    def add(self, tokens: int, sign: int) -> None:
+        self.agents += sign
+        self.tokens += sign * tokens
+
+
 def _merge(a: Any, b: Any) -> Any:
     if a is None:
         return b
@@ -135,10 +156,11 @@ class Ownership:
     at a lower priority than it has with one, which the heap allows.
     """
 
-    __slots__ = ("victims",)
+    __slots__ = ("context_totals", "victims")
 
     def __init__(self, victims: VictimHeap | None = None) -> None:
         self.victims = victims
+        self.context_totals = ContextTotals()
 
     @staticmethod
     def init_node(node: Any) -> None:
@@ -198,12 +220,20 @@ class Ownership:
         """Drop the agent's ownership of its fixed prompt (its workflow expired or its prompt moved)."""
         self._detach(agent, "node", "owners")
 
-    def assign_context(self, agent: AgentState, node: Any) -> None:
-        """Make ``node`` the end of ``agent``'s context, releasing the context it owned before."""
+    def assign_context(self, agent: AgentState, node: Any, tokens: int) -> None:
+        """Make ``node``, ``tokens`` from the root, the end of ``agent``'s context, releasing the
+        context it owned before."""
+        if agent.context is not None:
+            self.context_totals.add(agent.context_tokens, -1)
+        self.context_totals.add(tokens, 1)
+        agent.context_tokens = tokens
         self._attach(agent, node, "context", "contexts")
 
-    def release_context(self, agent: AgentState) -> None:
-        """Drop the agent's ownership of its context (not resumed, its last turn, or forgotten)."""
+    def release_context(self, agent: AgentState, reason: str) -> None:
+        """Drop the agent's ownership of its context, counted under ``reason`` (``RELEASE_REASONS``)."""
+        if agent.context is not None:
+            self.context_totals.add(agent.context_tokens, -1)
+            self.context_totals.released[reason] += 1
         self._detach(agent, "context", "contexts")
 
     def _attach(self, agent: AgentState, node: Any, slot: str, owners: str) -> None:
@@ -262,7 +292,12 @@ class Ownership:
             if parent.parent is not None:
                 parent.kvflow.child_mins.discard(node)
                 self._propagate(parent)
+        totals = self.context_totals
         for agent in shrunk:
+            totals.add(agent.context_tokens, -1)
             agent.context_tokens -= len(node.key)
             if parent.parent is not None and agent.context_tokens > (agent.fixed_prefix_len or 0):
-                self.assign_context(agent, parent)
+                self.assign_context(agent, parent, agent.context_tokens)
+                totals.shrunk += 1
+            else:
+                totals.released["evicted"] += 1

@@ -7,6 +7,7 @@ and changes nothing. The same summary feeds ``patches/metrics.py``.
   and how many workflows and agents are tracked, never one entry per workflow.
 - Detail comes one page at a time, only when the query asks for it: one workflow's
   agents (``workflow_id``; None when it is not tracked) or the tracked workflows.
+  Each agent's residency walks its paths to the root: O(depth), on that page only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kvflow.stats_query import StatsQuery
 
 if TYPE_CHECKING:
     from kvflow.cache.workflow_cache import WorkflowCache
+    from kvflow.cache.workflow_table import AgentState
 
 
 def render_stats(core: WorkflowCache, query: StatsQuery | None = None) -> dict[str, Any]:
@@ -31,6 +33,7 @@ def render_stats(core: WorkflowCache, query: StatsQuery | None = None) -> dict[s
             "mode": workflows.logical_clock.mode,
             "clock": workflows.logical_clock.now,
             "prior_interval": workflows.logical_clock.prior_interval,
+            "prior_pause": workflows.logical_clock.prior_pause,
         },
         "pool_tokens": core.cache.token_to_kv_pool_allocator.size,
         "totals": {
@@ -39,6 +42,7 @@ def render_stats(core: WorkflowCache, query: StatsQuery | None = None) -> dict[s
             "aborted_requests": core.aborted_requests,
         },
         "evictions": tree_core.kvflow_evictions,
+        "contexts": {**asdict(tree_core.ownership.context_totals), "resume_prior": core.contexts.prior},
         "prefetch": asdict(core.prefetcher.counters) if core.prefetcher is not None else None,
         "link_emulation_gbps": config.emulate_link_gbps,
         "tracked": {"workflows": len(workflows), "agents": workflows.agent_count},
@@ -82,19 +86,46 @@ def _workflow_detail(core: WorkflowCache, query: StatsQuery) -> dict[str, Any] |
                 "fixed_prefix_len": agent.fixed_prefix_len,
                 "over_budget": agent.over_budget,
                 "request_tokens": agent.request_tokens,
-                "owned_tokens_resident": _resident_tokens(agent.node),
+                "owned_tokens_resident": _resident_tokens(agent.node)[0],
                 **asdict(agent.counters),
+                "context": _context_detail(agent),
             }
             for agent in agents
         },
     }
 
 
-def _resident_tokens(node: Any) -> int:
-    """Device-resident tokens on the path from the root to ``node``."""
-    tokens = 0
+def _context_detail(agent: AgentState) -> dict[str, Any]:
+    """The context the agent owns (tokens 0: none) and its pauses between requests."""
+    on_device, on_host = _resident_tokens(agent.context)
+    pauses = agent.pauses
+    return {
+        "tokens": agent.context_tokens if agent.context is not None else 0,
+        "on_device": on_device,
+        "on_host": on_host,
+        "resumes": agent.resumes,
+        "over_budget": agent.context_over_budget,
+        "next_use": agent.context_next_use,
+        "pauses": {
+            "observed": pauses.observed,
+            "gap": pauses.estimate,
+            "gap_source": "measured" if pauses.observed else "prior",
+            "stretch": pauses.stretch,
+            "last_request": pauses.last_request,
+            "paused_for": pauses.clock.now - pauses.last_request if pauses.last_request else None,
+            "expected": pauses.expected,
+            "review_at": pauses.review_at,
+        },
+    }
+
+
+def _resident_tokens(node: Any) -> tuple[int, int]:
+    """Tokens on the path from the root to ``node`` on the device, and with a host copy."""
+    on_device = on_host = 0
     while node is not None and node.parent is not None:
         if not node.evicted:
-            tokens += len(node.key)
+            on_device += len(node.key)
+        if node.backuped:
+            on_host += len(node.key)
         node = node.parent
-    return tokens
+    return on_device, on_host

@@ -183,7 +183,8 @@ class WorkflowCache:
             self.claim(agent, token_ids, extra_key, cache_salt, rebudget=False)
             self.contexts.observe(agent, token_ids)
             if not (hint.keep_context and self.contexts.protects(agent)):
-                self.cache.tree_core.ownership.release_context(agent)
+                reason = "not_resumed" if hint.keep_context else "last_turn"
+                self.cache.tree_core.ownership.release_context(agent, reason)
         self._refresh_next_use(changed, self.workflows.get(hint.workflow_id))
         return agent
 
@@ -248,14 +249,13 @@ class WorkflowCache:
         length = len(token_ids) // self.cache.page_size * self.cache.page_size
         protects = keep and agent.steps is not None and self.contexts.protects(agent)
         if not protects or length <= (agent.fixed_prefix_len or 0):
-            ownership.release_context(agent)
+            ownership.release_context(agent, "not_resumed" if keep else "last_turn")
             return
         node = self._boundary_node(token_ids, length, extra_key, cache_salt)
         if node is None:
-            ownership.release_context(agent)
+            ownership.release_context(agent, "evicted")
             return
-        ownership.assign_context(agent, node)
-        agent.context_tokens = length
+        ownership.assign_context(agent, node, length)
         self._refresh_next_use([], self.workflows.get(agent.workflow_id))
         if self.prefetcher is not None:
             self.prefetcher.watch_context(agent)  # paused until its next request: prefetch it then
@@ -301,7 +301,7 @@ class WorkflowCache:
             agent.steps = None  # in-flight requests of this agent must not re-claim
             agent.over_budget = agent.context_over_budget = False
             ownership.release(agent)
-            ownership.release_context(agent)
+            ownership.release_context(agent, "forgotten")
 
     # ---- invariants and observability --------------------------------------
 
