@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from kvflow.cache.urgency import REVIEW_FACTOR, smoothed
+from kvflow.cache.urgency import REVIEW_FACTOR, smoothed_gap
 from kvflow.harness.offline import CacheDriver
 from kvflow.hints import WorkflowHint
 from kvflow.stats_query import StatsQuery
@@ -215,7 +215,7 @@ def test_stats_show_each_agents_context_and_pauses_and_the_cache_wide_totals():
         "resumes": True,
         "over_budget": False,
     }
-    gap = smoothed(3.0, 1, True)
+    gap = smoothed_gap(3.0, 1, True)
     assert a["next_use"] == (0, 5 + gap)
     assert a["pauses"] == {
         "observed": 2,
@@ -228,7 +228,7 @@ def test_stats_show_each_agents_context_and_pauses_and_the_cache_wide_totals():
         "review_at": 5 + REVIEW_FACTOR * gap,
     }
     prior = summary["urgency"]["prior_pause"]
-    assert prior == smoothed(smoothed(1.0, 3, True), 1, True)  # b's pause, then a's two
+    assert prior == smoothed_gap(smoothed_gap(1.0, 3, True), 1, True)  # b's pause, then a's two
     assert c["pauses"]["gap_source"] == "prior" and c["pauses"]["gap"] == prior
     assert c["pauses"]["observed"] == 0 and c["pauses"]["paused_for"] == 0
     assert c["tokens"] == len(run.contexts["c"])  # seen once: owned, as the cache's prior says
