@@ -51,7 +51,8 @@ LEGEND = """\
 - Real caches (CacheDriver): `lru` `lfu` `slru` `tlru` (default config) `priority` (every request
   priority 0), `tlru_budget` (tlru, threshold max_context/8, next prompt = mean tool result),
   `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (hint:
-  fixed prefix = system prompt, `keep_context` false on the end marker; resumed contexts owned).
+  fixed prefix = system prompt, `keep_context` false on the end marker; resumed contexts owned,
+  ordered by when their agent's next request is expected from its own pauses).
 - Trie references: `belady` (farthest next use), `online_mean_gap` (last request + known mean gap;
   overdue keep that estimate: the issue's reference), `online_overdue` (overdue: expected after as
   long again as waited; not the issue's reference), `ttl_pin` (Continuum-style TTL by reload cost,

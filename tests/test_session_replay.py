@@ -97,3 +97,14 @@ def test_cli_writes_json_and_markdown(tmp_path):
         "ttl_pin",
     }
     assert "| kvflow | " in (tmp_path / "t.md").read_text()
+
+
+@pytest.mark.parametrize("variant", list(session_replay.TRACES))
+def test_kvflow_meets_the_issue_targets_at_a_fifth_of_the_contexts(variant):
+    """Issue 21's replay targets on the CPU-scale traces (seed 0) at a pool of a fifth of all
+    contexts: within 1.25x of the online mean-gap reference, at or below every stock policy."""
+    trace = session_replay.build_trace("cpu", variant, seed=0)
+    result = session_replay.replay(trace, session_replay.pool_size(trace, 0.2))
+    misses = result["recomputed"]
+    assert misses["kvflow"] <= 1.25 * misses["online_mean_gap"], misses
+    assert misses["kvflow"] <= min(misses[policy] for policy in session_replay.STOCK), misses
