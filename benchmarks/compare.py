@@ -259,6 +259,7 @@ def compare(
             name: ServerProcess(
                 config_args(name, pool_for(name), extra + policy_config.get(name, []), link_gbps),
                 log_path=log_dir / f"{name}.log",
+                timeout=300.0 + 60.0 * len(names),  # side by side, they share the CPUs as they start
             )
             for name in names
         }
