@@ -263,11 +263,19 @@ def compare(
             )
             for name in names
         }
+        # Host tiers first: SGLang sizes a host pool against the memory left free (less a 10 GiB
+        # reserve) as its scheduler starts, which servers starting beside it would take.
+        waves = [
+            [n for n in names if HICACHE_FLAG in CONFIGS[n]],
+            [n for n in names if HICACHE_FLAG not in CONFIGS[n]],
+        ]
         try:
-            for server in servers.values():
-                server.start()
+            for wave in waves:
+                for name in wave:
+                    servers[name].start()
+                for name in wave:
+                    servers[name].wait_ready()
             for name, server in servers.items():
-                server.wait_ready()
                 startup[name] = server.startup_seconds
                 pool_actual[name] = device_pool_tokens(server.url)
                 if pool_actual[name] is not None and pool_actual[name] < pool_for(name):
