@@ -8,6 +8,10 @@ against each baseline, and PNG plots. Configurations:
 
 - ``lru``: stock SGLang cache selection (``--radix-cache-backend stock``), LRU, device pool only;
 - ``lru-hicache``: the same plus ``--enable-hierarchical-cache``;
+- ``tlru``: stock ``--radix-eviction-policy tlru`` (tail-optimized LRU for conversations), its
+  budget from the workload (:func:`tlru_budget`);
+- ``session-radix``: stock LRU with ``--enable-session-radix-cache`` (on the live ``agent-chat``
+  workload, its requests carry their session id and ended sessions are closed);
 - ``priority``: stock ``--radix-eviction-policy priority`` with each request's priority set
   from its agent's next use (the cheap alternative);
 - ``kvflow``: kvflow's workflow-aware eviction, device pool only;
@@ -17,6 +21,10 @@ against each baseline, and PNG plots. Configurations:
   ``kvflow.cache.eviction``); ``kvflow-mru``, ``kvflow-hicache-mru``: hop counts with the ``mru``
   tie-break among equal steps;
 - ``ideal``: stock LRU with a pool large enough to keep every prompt.
+
+The live ``agent-chat`` workload (:mod:`benchmarks.agent_chat`) sizes the pool with
+``--pool-tokens``, empties every server's cache before each run (``/flush_cache``) and reports
+TTFT percentiles, history tokens served and job completion times instead.
 
 With ``--one-at-a-time`` servers run one after another instead of side by side
 (for GPUs that cannot hold several models); runs then repeat per server.
@@ -35,8 +43,9 @@ from pathlib import Path
 
 import requests
 
+from benchmarks import agent_chat
 from benchmarks.run import run_workload
-from benchmarks.workloads import WORKLOADS, Workload
+from benchmarks.workloads import WORKLOADS, AgentChatWorkload, Workload
 from kvflow.harness.provenance import provenance, write_result
 from kvflow.harness.server_process import ServerProcess
 
@@ -51,6 +60,14 @@ CONFIGS: dict[str, list[str]] = {
         "--radix-eviction-policy",
         "lru",
         HICACHE_FLAG,
+    ],
+    "tlru": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "tlru"],
+    "session-radix": [
+        "--radix-cache-backend",
+        "stock",
+        "--radix-eviction-policy",
+        "lru",
+        "--enable-session-radix-cache",
     ],
     "priority": ["--radix-cache-backend", "stock", "--radix-eviction-policy", "priority"],
     "kvflow": [],
@@ -84,6 +101,21 @@ def ideal_pool_tokens(workload: Workload) -> int:
     largest_call = max(len(c.input_ids) + c.output_len for c in calls)
     agents = {(c.workflow_id, c.agent_id) for c in calls}
     return workload.fixed_tokens() + in_flight * largest_call + len(agents) * workload.largest_varying()
+
+
+def tlru_budget(workload: Workload | AgentChatWorkload) -> dict:
+    """T-LRU's config (SGLang requires one): as ``session_replay.tlru_budget``, an eighth of the
+    largest prompt as the prefill budget, the mean tokens a request adds as the next prompt."""
+    if isinstance(workload, AgentChatWorkload):
+        sessions = workload.all_sessions()
+        largest = max(len(s.system) + sum(len(t.new_ids) + t.output_len for t in s.turns) for s in sessions)
+        added = [len(t.new_ids) for s in sessions for t in s.turns[1:]]
+    else:
+        calls = workload.interleaved()
+        largest = max(len(c.input_ids) for c in calls)
+        added = [len(c.input_ids) - c.fixed_len for c in calls]
+    estimate = round(statistics.fmean(added)) if added else 0
+    return {"threshold": max(largest // 8, estimate + 1), "next_prompt_estimate": estimate}
 
 
 def median_summary(runs: list[dict]) -> dict:
@@ -189,8 +221,17 @@ def device_pool_tokens(url: str) -> int | None:
     return info.get("max_total_num_tokens")
 
 
+def flush_cache(url: str, attempts: int = 30) -> None:
+    """Empty the server's cache (SGLang refuses while requests are in flight: then retry)."""
+    for _ in range(attempts):
+        if requests.post(f"{url}/flush_cache", timeout=30).status_code == 200:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{url}: /flush_cache refused {attempts} times")
+
+
 def compare(
-    workload: Workload,
+    workload: Workload | AgentChatWorkload,
     configs: list[str],
     pool: int,
     repeats: int,
@@ -201,8 +242,11 @@ def compare(
     hints: bool = True,
     link_gbps: float = 0.0,
 ) -> dict:
-    ideal_pool = ideal_pool_tokens(workload)
+    live = isinstance(workload, AgentChatWorkload)
+    # Live: room for every context and as much again for the requests in flight.
+    ideal_pool = 2 * workload.context_tokens() if live else ideal_pool_tokens(workload)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
+    policy_config = {"tlru": ["--radix-eviction-policy-config", json.dumps(tlru_budget(workload))]}
     startup: dict[str, float] = {}
     pool_actual: dict[str, int | None] = {}
 
@@ -213,15 +257,25 @@ def compare(
         """Start the servers side by side, then wait for all of them."""
         servers = {
             name: ServerProcess(
-                config_args(name, pool_for(name), extra, link_gbps), log_path=log_dir / f"{name}.log"
+                config_args(name, pool_for(name), extra + policy_config.get(name, []), link_gbps),
+                log_path=log_dir / f"{name}.log",
+                timeout=300.0 + 60.0 * len(names),  # side by side, they share the CPUs as they start
             )
             for name in names
         }
+        # Host tiers first: SGLang sizes a host pool against the memory left free (less a 10 GiB
+        # reserve) as its scheduler starts, which servers starting beside it would take.
+        waves = [
+            [n for n in names if HICACHE_FLAG in CONFIGS[n]],
+            [n for n in names if HICACHE_FLAG not in CONFIGS[n]],
+        ]
         try:
-            for server in servers.values():
-                server.start()
+            for wave in waves:
+                for name in wave:
+                    servers[name].start()
+                for name in wave:
+                    servers[name].wait_ready()
             for name, server in servers.items():
-                server.wait_ready()
                 startup[name] = server.startup_seconds
                 pool_actual[name] = device_pool_tokens(server.url)
                 if pool_actual[name] is not None and pool_actual[name] < pool_for(name):
@@ -235,11 +289,27 @@ def compare(
         return servers
 
     def measure(name: str, server: ServerProcess) -> None:
-        result = run_workload(
-            server.url, workload, hints=hints, priorities=(name == "priority"), progress=False
-        )
+        if live:
+            flush_cache(server.url)
+            result = agent_chat.run_agent_chat(
+                server.url,
+                workload,
+                hints=hints,
+                session_ids=(name == "session-radix"),
+                tag=f"r{len(runs[name])}-",
+            )
+            m = result["summary"]
+            print(
+                f"  {name}: served {m['history_served']}/{m['history_tokens']}, TTFT p50 "
+                f"{m['ttft_p50_s']:.3f}s p99 {m['ttft_p99_s']:.3f}s, JCT {m['jct_median_s']:.2f}s",
+                flush=True,
+            )
+        else:
+            result = run_workload(
+                server.url, workload, hints=hints, priorities=(name == "priority"), progress=False
+            )
+            print(f"  {name}: {result['summary']['workflow_latency_median_s']:.3f}s", flush=True)
         runs[name].append(result)
-        print(f"  {name}: {runs[name][-1]['summary']['workflow_latency_median_s']:.3f}s", flush=True)
         if partial_path is not None:  # what finished survives a timeout
             partial_path.write_text(
                 json.dumps({"startup_s": startup, "pool_tokens_actual": pool_actual, "runs": runs}, indent=2)
@@ -296,6 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pool-fraction", type=float, default=0.5, help="device pool as a fraction of all fixed prompts"
     )
+    parser.add_argument(
+        "--pool-tokens",
+        type=int,
+        help="device pool in tokens (agent-chat: default pool-fraction of all contexts)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one-at-a-time", action="store_true")
     parser.add_argument("--no-hints", action="store_true", help="send no kvflow hints (overhead check)")
@@ -313,8 +388,14 @@ def main(argv: list[str] | None = None) -> None:
 
     provenance()  # the checkout as the run starts
     workload = WORKLOADS[args.workload](**args.params)
-    concurrency = len(workload.workflows)
-    pool = int(workload.fixed_tokens() * args.pool_fraction) + concurrency * workload.largest_varying()
+    live = isinstance(workload, AgentChatWorkload)
+    if args.pool_tokens:
+        pool = args.pool_tokens
+    elif live:
+        pool = int(workload.context_tokens() * args.pool_fraction)
+    else:
+        concurrency = len(workload.workflows)
+        pool = int(workload.fixed_tokens() * args.pool_fraction) + concurrency * workload.largest_varying()
     configs = [c for c in args.configs.split(",") if c]
     stem = args.name or workload.name
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         command="python -m benchmarks.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
         duration_s=time.time() - started,
     )
-    table = markdown_table(result["medians"])
+    table = (agent_chat.markdown_table if live else markdown_table)(result["medians"])
     counters = counters_table(result["runs"])
     if counters:
         table += "\n\n" + counters
@@ -353,10 +434,11 @@ def main(argv: list[str] | None = None) -> None:
         f"Device KV pool (tokens, as sized by each server): {pools}\n\n"
     )
     (args.out_dir / f"{stem}.md").write_text(header + table + "\n")
-    try:
-        plot(result["medians"], args.out_dir / f"{stem}.png", stem)
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    if not live:  # the plot draws fixed-prompt tokens
+        try:
+            plot(result["medians"], args.out_dir / f"{stem}.png", stem)
+        except ImportError:
+            print("matplotlib not installed: no plot")
     print(header + table)
 
 

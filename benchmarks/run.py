@@ -5,7 +5,7 @@ to measure time to first token); workflows run concurrently. Reports per-call
 TTFT, latency and cached tokens (device / host split when the server gives
 it), per-workflow end-to-end latency, and the kvflow stats when the server has
 ``/kvflow/stats``. ``python -m benchmarks.run --url ... --workload sequential``
-writes JSON results.
+writes JSON results (``--workload agent-chat``: live agent sessions, :mod:`benchmarks.agent_chat`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.workloads import WORKLOADS, Call, Workload
+from benchmarks.agent_chat import run_agent_chat
+from benchmarks.workloads import WORKLOADS, AgentChatWorkload, Call, Workload
 from kvflow.harness.provenance import provenance, write_result
 
 try:
@@ -189,7 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     provenance()  # the checkout as the run starts
     workload = WORKLOADS[args.workload](**args.params)
-    result = run_workload(args.url, workload, hints=not args.no_hints, priorities=args.priorities)
+    if isinstance(workload, AgentChatWorkload):
+        result = run_agent_chat(args.url, workload, hints=not args.no_hints)
+    else:
+        result = run_workload(args.url, workload, hints=not args.no_hints, priorities=args.priorities)
     print(json.dumps(result["summary"], indent=2))
     if args.out:
         write_result(args.out, result)

@@ -573,3 +573,133 @@ AGENT_SESSION_SCALES = {
     "cpu": dict(sessions=32, system_len=160, task_len=(20, 60), max_context=3000),
     "gpu": dict(sessions=64, system_len=1600, task_len=(200, 600), max_context=32000, start_window_s=120.0),
 }
+
+
+@dataclass(frozen=True)
+class LiveTurn:
+    """One turn of a live session: wait ``pause_s``, append ``new_ids``, generate ``output_len``.
+
+    ``new_ids`` is the task on a first turn (after the system prompt), else the tool result that
+    follows the previous turn's prompt + the server's actual output.
+    """
+
+    pause_s: float
+    new_ids: tuple[int, ...]
+    output_len: int
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    """One agent of :class:`AgentChatWorkload`; a parent runs ``children`` after turn ``spawn_after``
+    and waits for all of them before its next turn."""
+
+    session_id: str
+    workflow_id: str
+    system: tuple[int, ...]
+    turns: tuple[LiveTurn, ...]
+    ended: bool  # the last turn says so (``keep_context`` false, session closed); else abandoned
+    tool_mean_s: float
+    parent: str | None = None
+    spawn_after: int | None = None
+    children: tuple[LiveSession, ...] = ()
+
+
+@dataclass
+class AgentChatWorkload:
+    """Live multi-turn agent sessions: prompts grow by the server's real outputs, pauses are sleeps."""
+
+    name: str
+    sessions: list[LiveSession]  # top-level sessions; sub-agents hang below their parent
+    params: dict = field(default_factory=dict)
+
+    def all_sessions(self) -> list[LiveSession]:
+        out, todo = [], list(self.sessions)
+        while todo:
+            session = todo.pop(0)
+            out.append(session)
+            todo.extend(session.children)
+        return out
+
+    def context_tokens(self) -> int:
+        """Every session's final context (system prompts counted once), outputs at their planned length."""
+        systems = {s.system for s in self.all_sessions()}
+        grown = sum(sum(len(t.new_ids) + t.output_len for t in s.turns) for s in self.all_sessions())
+        return sum(len(s) for s in systems) + grown
+
+
+def _live_session(trace: AgentTrace, sid: str, table: list[int], scale: float) -> LiveSession:
+    """``sid``'s turns of ``trace`` as a live session; its turn 0 pause is its delay from when its
+    parent spawns it (from the trace's start for a top-level session)."""
+    turns = [t for t in trace.turns if t.session_id == sid]
+    info = trace.sessions[sid]
+    kids = [c for c, i in trace.sessions.items() if i.parent == sid]
+    children = tuple(_live_session(trace, c, table, scale) for c in kids)
+    first_starts = [next(t.start for t in trace.turns if t.session_id == c) for c in kids]
+    spawn_after = max(k for k, t in enumerate(turns) if t.end <= min(first_starts)) if kids else None
+    origin = 0.0 if info.parent is None else _spawn_end(trace, info.parent, turns[0].start)
+    kids_end = max((t.end for t in trace.turns if t.session_id in kids), default=0.0)
+    live = []
+    for k, turn in enumerate(turns):
+        if k == 0:
+            pause, new = turn.start - origin, turn.input_ids[turn.system_len :]
+        elif k - 1 == spawn_after:
+            pause, new = turn.start - kids_end, turn.input_ids[turn.history_len :]
+        else:
+            pause, new = turn.start - turns[k - 1].end, turn.input_ids[turn.history_len :]
+        live.append(LiveTurn(round(pause * scale, 3), tuple(table[i] for i in new), len(turn.output_ids)))
+    system = tuple(table[i] for i in turns[0].input_ids[: turns[0].system_len])
+    return LiveSession(
+        sid, turns[0].workflow_id, system, tuple(live), info.ended, info.tool_mean_s * scale,
+        info.parent, spawn_after, children,
+    )  # fmt: skip
+
+
+def _spawn_end(trace: AgentTrace, parent: str, child_start: float) -> float:
+    """When the parent's turn that spawned a child (its last turn ending before the child) ended."""
+    return max(t.end for t in trace.turns if t.session_id == parent and t.end <= child_start)
+
+
+def agent_chat(
+    sessions: int = 12,
+    turns: int = 8,
+    system_len: int = 64,
+    task_len: tuple[int, int] = (20, 40),
+    max_context: int = 500,
+    tool_mean_s: tuple[float, float] = (0.2, 2.0),
+    tool_sigma: float = 1.0,
+    start_window_s: float = 3.0,
+    subagent_share: float = 0.0,
+    ended_share: float = 0.5,
+    time_scale: float = 1.0,
+    vocab: int = DEFAULT_VOCAB,
+    seed: int = 0,
+) -> AgentChatWorkload:
+    """Live tool-calling agents from :func:`agent_sessions` (``sessions`` x ``turns``), for a server.
+
+    - Each session is one agent in its own workflow (sub-agents share their parent's); its turn
+      ``k + 1`` sends turn ``k``'s prompt + the server's output + a tool result of the trace's length.
+    - Pauses are the trace's (lognormal, per-agent means ``tool_mean_s`` apart) times
+      ``time_scale``; the driver sleeps them for real.
+    - Token ids are the trace's, mapped to random ids in ``[0, vocab)`` (fixed by ``seed``); only
+      system prompts are shared between sessions.
+    - ``ended_share`` of the top-level sessions end with the end marker, the rest are abandoned.
+    """
+    trace = agent_sessions(
+        sessions=sessions, turns=(turns, turns), system_len=system_len, task_len=task_len,
+        max_context=max_context, agent_types=4, tool_mean_s=tool_mean_s, tool_sigma=tool_sigma,
+        decode_s_per_token=0.0, start_window_s=start_window_s, subagent_share=subagent_share,
+        subagent_turns=(2, 4), ended_share=ended_share, seed=seed,
+    )  # fmt: skip
+    rng = random.Random(seed)
+    table = _tokens(rng, 1 + max(max(t.tokens) for t in trace.turns), vocab)
+    top = [sid for sid, info in trace.sessions.items() if info.parent is None]
+    params = dict(
+        sessions=sessions, turns=turns, system_len=system_len, max_context=max_context,
+        tool_mean_s=list(tool_mean_s), tool_sigma=tool_sigma, start_window_s=start_window_s,
+        subagent_share=subagent_share, ended_share=ended_share, time_scale=time_scale, seed=seed,
+    )  # fmt: skip
+    live = [_live_session(trace, sid, table, time_scale) for sid in top]
+    return AgentChatWorkload(f"agent-chat-{sessions}x{turns}", live, params)
+
+
+WORKLOADS["agent-chat"] = agent_chat

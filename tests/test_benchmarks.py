@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import compare, replay, workloads
+from benchmarks import agent_chat, compare, replay, workloads
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,109 @@ def test_prefetch_counters_are_reported_per_run_from_the_servers_cumulative_ones
     assert compare.kvflow_counters([{"kvflow_stats": None}]) is None
     table = compare.counters_table({"kvflow-hicache": [run(10, 1)], "lru-hicache": [{"kvflow_stats": None}]})
     assert "| kvflow-hicache | 10 | 9 | 0 | 1 | 1 | 0 |" in table and "lru-hicache" not in table
+
+
+def test_agent_chat_sessions_replay_the_traces_growth_and_pauses():
+    live = workloads.agent_chat(sessions=6, turns=4, subagent_share=0.5, ended_share=0.5, seed=1)
+    trace = workloads.agent_sessions(
+        sessions=6, turns=(4, 4), system_len=64, task_len=(20, 40), max_context=500,
+        tool_mean_s=(0.2, 2.0), tool_sigma=1.0, decode_s_per_token=0.0, start_window_s=3.0,
+        subagent_share=0.5, subagent_turns=(2, 4), ended_share=0.5, seed=1,
+    )  # fmt: skip
+    sessions = live.all_sessions()
+    assert [s.session_id for s in live.sessions] == [f"s{i}" for i in range(6)]
+    assert {s.session_id for s in sessions} == set(trace.sessions)
+    assert {s.ended for s in live.sessions} == {True, False}  # some ended, some abandoned
+    for session in sessions:
+        turns = [t for t in trace.turns if t.session_id == session.session_id]
+        assert [len(t.new_ids) for t in session.turns] == [
+            len(t.input_ids) - (t.history_len or t.system_len) for t in turns
+        ]
+        assert [t.output_len for t in session.turns] == [len(t.output_ids) for t in turns]
+        assert len(session.system) == 64 and all(0 <= i < workloads.DEFAULT_VOCAB for i in session.system)
+        assert all(t.pause_s >= 0 for t in session.turns)
+        if session.parent is None:
+            assert session.turns[0].pause_s == round(turns[0].start, 3)
+            assert (
+                session.turns[2].pause_s == round(turns[2].start - turns[1].end, 3)
+                or session.spawn_after == 1
+            )
+        for child in session.children:  # sub-agents: same workflow, spawned after one of its turns
+            assert child.parent == session.session_id and child.workflow_id == session.workflow_id
+            assert 0 <= session.spawn_after < len(session.turns) - 1
+    assert any(s.children for s in live.sessions)
+    assert live.context_tokens() == trace.context_tokens()
+    slow = workloads.agent_chat(
+        sessions=6, turns=4, subagent_share=0.5, ended_share=0.5, seed=1, time_scale=2
+    )
+    assert slow.sessions[0].turns[1].pause_s == pytest.approx(2 * live.sessions[0].turns[1].pause_s, abs=2e-3)
+
+
+def test_agent_chat_hints_end_only_ended_sessions_and_name_the_parent():
+    live = workloads.agent_chat(sessions=6, turns=4, subagent_share=0.5, ended_share=0.5, seed=1)
+    ended = next(s for s in live.sessions if s.ended)
+    abandoned = next(s for s in live.sessions if not s.ended)
+    child = next(c for s in live.sessions for c in s.children)
+    last = agent_chat.hint(ended, "r1-", 500, last=True)
+    assert last["keep_context"] is False and last["workflow_id"] == "r1-" + ended.workflow_id
+    assert last["fixed_prefix_len"] == 64 and last["steps_to_execution"] == {"r1-" + ended.session_id: 0}
+    assert agent_chat.hint(ended, "", 500, last=False)["keep_context"] is True
+    assert agent_chat.hint(abandoned, "", 500, last=True)["keep_context"] is True
+    assert agent_chat.hint(child, "", 500, last=False)["steps_to_execution"] == {
+        child.session_id: 0,
+        child.parent: 1,
+    }
+
+
+def _turn(session: str, turn: int, ttft: float, history: int, cached: int, device: int | None):
+    host = None if device is None else cached - device
+    return agent_chat.TurnResult(
+        session, turn, 0.0, ttft, ttft, history + 10, history, cached, device, host, 5
+    )
+
+
+def test_agent_chat_summary_counts_history_served_recomputed_and_from_host():
+    turns = [
+        _turn("s0", 0, 9.0, 0, 3, 3),  # first turns: no history, out of the TTFT percentiles
+        _turn("s0", 1, 0.1, 100, 100, 60),  # 40 of its history from host
+        _turn("s0", 2, 0.3, 200, 250, 250),  # cached beyond the history counts as history only
+        _turn("s1", 1, 0.2, 80, 30, None),  # no device / host split reported
+    ]
+    sessions = [
+        agent_chat.SessionResult("s0", None, True, 4.0),
+        agent_chat.SessionResult("s1", None, False, 2.0),
+        agent_chat.SessionResult("s0.sub0", "s0", True, 100.0),  # sub-agents: not in the JCT
+    ]
+    m = agent_chat.summarize(turns, sessions)
+    assert (m["history_tokens"], m["history_served"], m["history_recomputed"]) == (380, 330, 50)
+    assert m["history_from_host"] == 40
+    assert m["ttft_p50_s"] == pytest.approx(0.2) and 0.29 < m["ttft_p99_s"] <= 0.3
+    assert m["ttft_first_turn_p50_s"] == 9.0
+    assert (m["jct_median_s"], m["jct_max_s"]) == (3.0, 4.0)
+    halved = {**m, "history_served": 165, "history_recomputed": 100}
+    table = agent_chat.markdown_table({"lru": halved, "tlru": m, "kvflow": m})
+    assert "| kvflow | 0.50x / 1.00x / 1.00x / 1.00x | 1.00x / 1.00x / 1.00x / 1.00x |" in table
+    assert "kvflow / lru: 2.00x" in table
+
+
+def test_live_configurations_and_pool():
+    assert "--enable-session-radix-cache" in compare.config_args("session-radix", 1400, [])
+    assert "--enable-session-radix-cache" not in compare.config_args("kvflow", 1400, [])
+    live = workloads.agent_chat(max_context=640)
+    budget = compare.tlru_budget(live)  # SGLang refuses tlru unless threshold > next_prompt_estimate
+    assert budget["threshold"] > budget["next_prompt_estimate"] > 0
+    assert compare.tlru_budget(workloads.sequential())["threshold"] > 0
+
+
+def test_live_workload_pool_from_the_command_line(monkeypatch, tmp_path):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen["pool"] = args[2]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(compare, "compare", record)
+    for extra, pool in (["--pool-tokens", "1400"], 1400), (["--pool-fraction", "0.5"], None):
+        with pytest.raises(SystemExit):
+            compare.main(["--workload", "agent-chat", *extra, "--out-dir", str(tmp_path)])
+        assert seen["pool"] == (pool or workloads.agent_chat().context_tokens() // 2)
