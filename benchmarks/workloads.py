@@ -31,6 +31,7 @@ class Call:
     output_len: int
     warmup: bool = False
     start: float | None = None  # when it starts, in a timed workload (see ``timed``)
+    ends: bool = False  # the client ends its workflow (``end_workflow``) once this call is done
 
     @property
     def varying_len(self) -> int:
@@ -352,6 +353,52 @@ def timed(
     name = f"timed-{workflows}x{fixed_len}" + (f"-branch{branching_every}" if branching_every else "")
     params = dict(workflows=workflows, fixed_len=fixed_len, speed_spread=speed_spread, jitter=jitter)
     return Workload(name, flows, {**params, "branching_every": branching_every, "branches": branches_any})
+
+
+def staggered(
+    per_speed: int = 4,
+    speeds: tuple[float, ...] = (1.0, 3.0, 9.0),
+    agents: int = 4,
+    fixed_len: int = 128,
+    dynamic_len: int = 16,
+    output_len: int = 16,
+    rounds: int = 3,
+    jitter: float = 0.5,
+    ended: bool = True,
+    vocab: int = DEFAULT_VOCAB,
+    seed: int = 0,
+) -> Workload:
+    """Cyclic workflows of a few speeds that start together and stop at different times, in time order.
+
+    ``per_speed`` workflows per step duration in ``speeds`` (9x apart by default) each warm their
+    ``agents`` prompts, start within their first step and run the same ``rounds`` cycles, so the
+    fast ones finish long before the slow ones. The hints are the cycle's throughout (a loop's
+    client does not know ahead which round is its last); with ``ended`` the client ends each
+    workflow after its last call (``Call.ends``), otherwise it just stops.
+    """
+    rng = random.Random(seed)
+    flows = []
+    for s, duration in enumerate(speeds):
+        for w in range(per_speed):
+            wid = f"v{s}wf{w}"
+            names = [f"agent{i}" for i in range(agents)]
+            prompts = {a: _tokens(rng, fixed_len, vocab) for a in names}
+            calls = [
+                Call(wid, a, list(prompts[a]), fixed_len, _cycle_steps(names, i), 1, True, 0.0)
+                for i, a in enumerate(names)
+            ]
+            t = rng.uniform(0, duration)
+            for round_index in range(rounds):
+                for stage, agent in enumerate(names):
+                    prompt = prompts[agent] + _tokens(rng, dynamic_len, vocab)
+                    ends = ended and round_index == rounds - 1 and stage == agents - 1
+                    view = _cycle_steps(names, stage)
+                    calls.append(Call(wid, agent, prompt, fixed_len, view, output_len, start=t, ends=ends))
+                    t += duration * rng.uniform(1 - jitter, 1 + jitter)
+            flows.append(calls)
+    name = f"staggered-{per_speed * len(speeds)}x{fixed_len}-{'ended' if ended else 'stopped'}"
+    params = dict(per_speed=per_speed, speeds=list(speeds), fixed_len=fixed_len, rounds=rounds, ended=ended)
+    return Workload(name, flows, params)
 
 
 WORKLOADS = {

@@ -48,6 +48,18 @@ def test_replay_sequential_lru_misses_everything_kvflow_does_not(replay_results)
     assert r["lru"]["miss_tokens"] == r["fixed_tokens_requested"] > r["kvflow"]["miss_tokens"]
 
 
+def test_staggered_replay_builds_and_runs_ended_and_stopped():
+    cases = replay.staggered_cases(scale=0.125, per_speed=2)
+    assert len(cases) == 2 * len(replay.STAGGERED_POOLS)
+    cost = replay.CostModel()
+    for workload, capacity in cases[:: len(replay.STAGGERED_POOLS)]:  # the smallest pool of each
+        ended = workload.params["ended"]
+        lasts = [[c.ends for c in flow] for flow in workload.workflows]
+        assert all(ends == [False] * (len(ends) - 1) + [ended] for ends in lasts)
+        r = replay.replay(workload, capacity, cost)
+        assert r["optimum"]["miss_tokens"] <= r["kvflow"]["miss_tokens"] <= r["lru"]["miss_tokens"]
+
+
 @pytest.mark.e2e
 def test_compare_smoke_run_writes_table_json_and_plot(tmp_path):
     params = json.dumps({"fixed_len": 64, "agents": 4, "rounds": 1, "dynamic_len": 8, "output_len": 4})
