@@ -89,6 +89,7 @@ SGLANG_INTERNALS = (
         "checkpoint_into_tree",
         "on_release",
         "evict",
+        "evict_for_alloc",
     ),
     # ... and called or read by its core (kvflow.cache.workflow_cache), the prefetcher
     # (kvflow.cache.prefetch) and the integrity checks.
@@ -99,6 +100,7 @@ SGLANG_INTERNALS = (
         "has_free_load_back_slot",
         "ready_to_load_host_cache",
         "sanity_check",
+        "_component_available_size",
         "evictable_size",
         "protected_size",
         "page_size",
@@ -217,10 +219,24 @@ SGLANG_INSTANCE_ATTRIBUTES = (
             "eviction_strategy",
             "root_node",
             "page_size",
+            "components_by_type",
+            "is_host_memory_buffer_only",
         ),
     ),
-    (_NODE, ("key", "parent", "children", "id", "last_access_time", "component_data")),
-    (_FULL, ("tree_core", "_evict_device_request_cnt")),
+    (
+        _NODE,
+        (
+            "key",
+            "parent",
+            "children",
+            "id",
+            "last_access_time",
+            "component_data",
+            "write_through_pending_id",
+            "load_back_pending_id",
+        ),
+    ),
+    (_FULL, ("tree_core", "cache", "_evict_device_request_cnt")),
     (f"{_SRT}.mem_cache.allocator.BaseTokenToKVPoolAllocator", ("size", "page_size")),
     (
         f"{_SRT}.managers.schedule_batch.Req",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.unified_cache.components import ComponentType
 
 from kvflow.cache.urgency import REVIEW_FACTOR, smoothed_gap
 from kvflow.harness.offline import CacheDriver
@@ -138,6 +139,60 @@ def test_an_evicted_context_end_leaves_the_rest_of_the_context_owned():
     driver.check_accounting()
 
 
+def test_an_eviction_needing_less_than_a_context_end_cuts_only_its_last_tokens():
+    driver = CacheDriver(size=1000)
+    contexts = session(driver, 3)
+    agent = agent_of(driver)
+    end = agent.context
+    assert len(end.key) > 3
+    evicted = driver.cache.evict(EvictParams(num_tokens=3)).num_tokens_evicted
+    assert evicted == 3
+    assert driver.cached_len(contexts[2]) == len(contexts[2]) - 3  # the rest of the end node stays
+    assert agent.context is not None and agent.context_tokens == len(contexts[2]) - 3
+    assert agent.context.kvflow.next_use == agent.context_next_use
+    assert driver.cache.kvflow.stats()["contexts"]["shrunk"] == 1
+    driver.check_accounting()
+
+
+def test_an_allocation_driven_eviction_cuts_a_context_end_to_the_shortfall():
+    driver = CacheDriver(size=200)
+    contexts = session(driver, 3)
+    agent = agent_of(driver)
+    free = driver.allocator.available_size()
+    held = driver.allocator.alloc(free)  # the pool is full: every further token is a shortfall
+    driver.cache.evict_for_alloc(EvictParams(num_tokens=4))
+    assert driver.allocator.available_size() == 4
+    assert agent.context_tokens == len(contexts[2]) - 4
+    assert driver.cache.tree_core.components_by_type[ComponentType.FULL].available_target is None
+    driver.allocator.free(held)
+    driver.check_accounting()
+
+
+def test_fixed_prompts_and_unowned_nodes_are_evicted_whole():
+    driver = CacheDriver(size=1000)
+    driver.serve(fresh(9000, 40))  # no hint: stock LRU, first to go
+    serve(driver, SYSTEM + fresh(1000, 10), fresh(1100, 5))  # the suffix after the fixed prompt
+    assert driver.cache.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 40
+    assert driver.cache.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 15  # un-owned suffix
+    assert driver.cache.evict(EvictParams(num_tokens=1)).num_tokens_evicted == len(SYSTEM)
+    driver.check_accounting()
+
+
+def test_a_paged_context_end_is_cut_to_whole_pages():
+    driver = CacheDriver(size=1000, page_size=4)
+    prompt = SYSTEM + fresh(1000, 12)
+    for k in range(3):
+        output = fresh(1100 + 100 * k, 8)
+        serve(driver, prompt, output)
+        prompt = prompt + output + fresh(1150 + 100 * k, 8)
+    agent = agent_of(driver)
+    tokens = agent.context_tokens
+    assert len(agent.context.key) >= 12
+    assert driver.cache.evict(EvictParams(num_tokens=5)).num_tokens_evicted == 8
+    assert agent.context_tokens == tokens - 8
+    driver.check_accounting()
+
+
 def test_an_agent_that_does_not_extend_its_prompts_owns_no_context():
     driver = CacheDriver(size=1000)
     for k in range(4):  # the paper's workloads: the fixed prompt and a new suffix each time
@@ -236,7 +291,8 @@ def test_stats_show_each_agents_context_and_pauses_and_the_cache_wide_totals():
     assert summary["contexts"]["agents"] == 3
     assert summary["contexts"]["tokens"] == sum(len(run.contexts[name]) for name in "abc")
 
-    driver.cache.evict(EvictParams(num_tokens=1))  # c's end, due last: nothing past SYSTEM is left
+    c_end = len(run.contexts["c"]) - len(SYSTEM)
+    driver.cache.evict(EvictParams(num_tokens=c_end))  # c's end, due last: nothing past SYSTEM is left
     evicted = core.stats()["contexts"]
     assert evicted["released"]["evicted"] == 1 and detail("c")["tokens"] == 0
     assert (evicted["agents"], evicted["tokens"]) == (2, summary["contexts"]["tokens"] - c["tokens"])

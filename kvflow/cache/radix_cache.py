@@ -78,6 +78,21 @@ class WorkflowRadixCache(UnifiedRadixCache):
         self.kvflow.expire()
         return super().evict(params)
 
+    def evict_for_alloc(
+        self, params: EvictParams, *, allocation_reclaim_satisfied: Any = None
+    ) -> EvictResult:
+        self.kvflow.expire()
+        if allocation_reclaim_satisfied is not None or params.num_tokens <= 0:
+            return super().evict_for_alloc(params, allocation_reclaim_satisfied=allocation_reclaim_satisfied)
+        # SGLang stops this eviction once the pool has the shortfall free: tell the Full component
+        # where that is, so it can cut its last victim to it (kvflow.cache.victims).
+        full = self.tree_core.components_by_type[ComponentType.FULL]
+        full.available_target = self._component_available_size(ComponentType.FULL) + params.num_tokens
+        try:
+            return super().evict_for_alloc(params)
+        finally:
+            full.available_target = None
+
 
 def workflow_cache(tree_cache: Any) -> WorkflowCache | None:
     """The kvflow core of the scheduler's ``tree_cache``; None for any other cache."""

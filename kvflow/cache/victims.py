@@ -15,6 +15,12 @@ session-aware caching); elsewhere SGLang's own heap runs. Invariant and why it h
   priority rose is moved down, stale ones, non-leaves' and those taken by the eviction in progress
   are dropped unevaluated;
 - within one eviction a node is handed out once; one still a leaf at its end is pushed back.
+
+The last victim is cut to what the eviction still needs when it is the end of an agent's context
+(:meth:`WorkflowFullComponent.trim_to_shortfall`): a context is a prefix its agent resumes, so its
+first tokens are worth keeping even when its last ones must go. The node is split and only its
+tail is evicted; the context then shrinks onto the rest (``Ownership.detach_removed_node``).
+Fixed prompts and un-owned nodes are evicted whole, as stock SGLang does.
 """
 
 from __future__ import annotations
@@ -129,6 +135,10 @@ class WorkflowFullComponent(FullComponent):
     """SGLang's Full component, taking device victims from the tree core's :class:`VictimHeap`
     where it keeps one (``ownership.victims``), else from SGLang's own per-eviction heap."""
 
+    # The pool's free size an allocation-driven eviction stops at (``UnifiedRadixCache.evict_for_alloc``
+    # stops once it is reached, not at a token count); None: a plain ``evict`` of a token count.
+    available_target: int | None = None
+
     def _evict_device_start(self, request_cnt: int) -> None:
         if self.tree_core.ownership.victims is None:
             super()._evict_device_start(request_cnt)
@@ -144,7 +154,42 @@ class WorkflowFullComponent(FullComponent):
         if tracker[self.component_type] >= self._evict_device_request_cnt:
             return None
         node = victims.take()
-        return None if node is None else node.id
+        if node is None:
+            return None
+        self.trim_to_shortfall(node, tracker)
+        return node.id
+
+    def shortfall(self, tracker: dict) -> int:
+        """The device tokens this eviction still has to free."""
+        if self.available_target is not None:
+            return self.available_target - self.cache._component_available_size(self.component_type)
+        return self._evict_device_request_cnt - tracker[self.component_type]
+
+    def trim_to_shortfall(self, node: Any, tracker: dict) -> None:
+        """If ``node`` ends a context and holds more than the eviction still needs, split it so
+        that ``node`` keeps only its last tokens (the shortfall, in whole pages): the victim.
+
+        Only a device-only node with no transfer pending is split: the split then needs no
+        action from the cache (``UnifiedTreeCore._split_node`` returns None).
+        """
+        state = node.kvflow
+        if not state.contexts or state.owners:
+            return
+        tree = self.tree_core
+        if (
+            node.backuped
+            or node.write_through_pending_id is not None
+            or node.load_back_pending_id is not None
+            or tree.is_host_memory_buffer_only
+        ):
+            return
+        page = tree.page_size
+        need = -(-self.shortfall(tracker) // page) * page
+        keep = len(node.key) - need
+        if need <= 0 or keep <= 0:
+            return
+        _, action = tree._split_node(node.key, node, keep)
+        assert action is None, f"splitting evictable leaf {node.id} asked the cache for {action}"
 
     def _evict_device_end(self) -> None:
         victims = self.tree_core.ownership.victims
