@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import agent_chat, compare, replay, workloads
+from benchmarks import agent_chat, compare, replay, timeline_replay, workloads
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,40 @@ def test_live_workload_pool_from_the_command_line(monkeypatch, tmp_path):
         with pytest.raises(SystemExit):
             compare.main(["--workload", "agent-chat", *extra, "--out-dir", str(tmp_path)])
         assert seen["pool"] == (pool or workloads.agent_chat().context_tokens() // 2)
+
+
+def _timeline(pause_s: float, latency_s: float, output_len: int = 6) -> dict:
+    """A live agent-chat run as the benchmark records it, its times and output lengths made up."""
+    params = {"sessions": 3, "turns": 3, "time_scale": 1.0}
+    workload = workloads.WORKLOADS["agent-chat"](**params)
+    turns = []
+    for s, session in enumerate(workload.all_sessions()):
+        length, sent = len(session.system), 0.01 * s
+        for k, turn in enumerate(session.turns):
+            history = length + output_len if k else 0
+            length = (history or length) + len(turn.new_ids)
+            row = {"session_id": session.session_id, "turn": k, "sent_s": sent, "latency": latency_s}
+            turns.append({**row, "history": history, "output_len": output_len})
+            sent += latency_s + pause_s
+    served = sum(t["history"] for t in turns)
+    return {"params": params, "turns": turns, "summary": {"history_served": served, "history_tokens": served}}
+
+
+def test_timeline_replay_serves_every_history_but_the_last_output_token_when_all_fits():
+    run = _timeline(pause_s=0.5, latency_s=0.1)
+    resumed = sum(1 for t in run["turns"] if t["turn"] > 0)
+    for policy in timeline_replay.POLICIES:
+        hits = timeline_replay.TimelineReplay(run, 100_000, policy).run()
+        assert timeline_replay.served(run, hits) == run["summary"]["history_tokens"] - resumed, policy
+
+
+def test_timeline_replay_turns_in_flight_hold_the_pool_and_queue_the_rest():
+    run = _timeline(pause_s=0.0, latency_s=10.0)  # every session's turns overlap the others'
+    largest = max(len(s.system) for s in workloads.WORKLOADS["agent-chat"](**run["params"]).all_sessions())
+    pool = 2 * (largest + 200)  # room for about two turns at once
+    rows = timeline_replay.replay_runs({"runs": {"lru": [run]}}, pool)
+    assert set(rows[0]["served"]) == set(timeline_replay.POLICIES)
+    for policy in timeline_replay.POLICIES:  # each replay checks the pool's accounting at its end
+        assert 0 <= rows[0]["served"][policy] < run["summary"]["history_tokens"]
+    with pytest.raises(ValueError, match="policy must be one of"):
+        timeline_replay.TimelineReplay(run, pool, "belady")
