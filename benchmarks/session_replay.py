@@ -57,7 +57,8 @@ LEGEND = """\
   overdue keep that estimate: the issue's reference), `online_overdue` (overdue: expected after as
   long again as waited; not the issue's reference), `ttl_pin` (Continuum-style TTL by reload cost,
   then LRU), `lru_cut` (LRU evicting only the tokens needed). References cut their last victim to the
-  tokens needed; the real caches evict whole nodes.\
+  tokens needed; the real stock caches evict whole nodes, kvflow cuts a context's last victim to
+  the tokens needed.\
 """
 
 
