@@ -9,7 +9,9 @@ on the requests, the session closed after a turn with the end marker) and kvflow
 (``WorkflowRadixCache``, fixed prefix = the system prompt, ``keep_context`` false on the end
 marker; it owns the contexts of agents that resume them). The references run on the trie
 simulator of :mod:`benchmarks.context_sim` with the same pool and accounting: Belady on
-contexts, the online mean-gap reference and a Continuum-style TTL pin.
+contexts, the online mean-gap reference and a Continuum-style TTL pin. On request
+(``--policies ...,kvflow_paused``), kvflow with each turn stamped at its start and its hint
+stating the pause after it (``expected_pause_s``: the session's true mean tool latency).
 
 History tokens recomputed: on every turn after a session's first, the previous turn's prompt +
 output not served from the cache. Targets (issue 21): within 1.25x of ``online_mean_gap``
@@ -35,6 +37,7 @@ from kvflow.hints import WorkflowHint
 
 STOCK = ("lru", "lfu", "slru", "tlru", "tlru_budget", "priority")
 REAL = (*STOCK, "session_radix", "kvflow")
+KVFLOW = ("kvflow", "kvflow_paused")  # kvflow_paused: replayed only when asked (--policies)
 RESULTS = Path(__file__).parent / "results"
 
 # Trace variants: generator parameters over the scale's defaults.
@@ -52,7 +55,9 @@ LEGEND = """\
   priority 0), `tlru_budget` (tlru, threshold max_context/8, next prompt = mean tool result),
   `session_radix` (LRU + SGLang's session references, closed on the end marker), `kvflow` (hint:
   fixed prefix = system prompt, `keep_context` false on the end marker; resumed contexts owned,
-  ordered by when their agent's next request is expected from its own pauses).
+  ordered by when their agent's next request is expected from its own pauses); `kvflow_paused`
+  (when asked: kvflow, each turn stamped at its start, its hint's `expected_pause_s` the turn's
+  own duration plus the session's true mean tool latency).
 - Trie references: `belady` (farthest next use), `online_mean_gap` (last request + known mean gap;
   overdue keep that estimate: the issue's reference), `online_overdue` (overdue: expected after as
   long again as waited; not the issue's reference), `ttl_pin` (Continuum-style TTL by reload cost,
@@ -62,13 +67,20 @@ LEGEND = """\
 """
 
 
-def _hint(turn: SessionTurn) -> WorkflowHint:
+def _hint(turn: SessionTurn, pause: float | None = None) -> WorkflowHint:
     """kvflow's hint: the session is the agent, its system prompt the fixed prefix; a sub-agent's
-    requests say its parent runs next; a turn with the end marker says its context is not kept."""
+    requests say its parent runs next; a turn with the end marker says its context is not kept;
+    ``pause``: its ``expected_pause_s``."""
     steps = {turn.session_id: 0}
     if turn.parent is not None:
         steps[turn.parent] = 1
-    return WorkflowHint(turn.workflow_id, turn.session_id, turn.system_len, steps, not turn.last)
+    return WorkflowHint(turn.workflow_id, turn.session_id, turn.system_len, steps, not turn.last, pause)
+
+
+def _stated_pause(trace: AgentTrace, turn: SessionTurn) -> float:
+    """What a client knowing its tools states: the session's mean tool latency. A server counts the
+    ticks a request runs before its pause; the driver finishes it at once, so its duration is added."""
+    return turn.end - turn.start + trace.sessions[turn.session_id].tool_mean_s
 
 
 def tlru_budget(trace: AgentTrace) -> dict:
@@ -84,8 +96,8 @@ def tlru_budget(trace: AgentTrace) -> dict:
 def replay_real(trace: AgentTrace, size: int, policy: str, check_every: int = 100) -> list[int]:
     """Each turn's cached prefix length through a real cache: a stock policy (``tlru_budget``:
     :func:`tlru_budget`; ``priority`` sees priority 0 on every request), ``session_radix`` (LRU
-    plus SGLang's session references) or ``kvflow``."""
-    if policy == "kvflow":
+    plus SGLang's session references), ``kvflow`` or ``kvflow_paused``."""
+    if policy in KVFLOW:
         driver = CacheDriver(size=size, check_every=check_every)
     else:
         stock = {"session_radix": "lru", "tlru_budget": "tlru"}.get(policy, policy)
@@ -102,6 +114,9 @@ def replay_real(trace: AgentTrace, size: int, policy: str, check_every: int = 10
         tokens = list(turn.tokens)
         if policy == "kvflow":
             hits.append(driver.serve(tokens, _hint(turn), prompt_len=len(turn.input_ids)))
+        elif policy == "kvflow_paused":
+            hint = _hint(turn, _stated_pause(trace, turn))
+            hits.append(driver.serve(tokens, hint, prompt_len=len(turn.input_ids), stamp=turn.start))
         elif policy == "session_radix":
             hits.append(driver.serve(tokens, session_id=turn.session_id))
             if turn.last:
@@ -192,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pools", default="0.2,0.333", help="pool sizes as fractions of all contexts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", default="{}", help="JSON generator parameters over the scale's")
-    parser.add_argument("--policies", default=",".join(REAL), help="real caches to replay")
+    parser.add_argument(
+        "--policies",
+        default=",".join(REAL),
+        help=f"real caches to replay, of {', '.join((*REAL, KVFLOW[1]))}",
+    )
     parser.add_argument("--name", help="results file stem (default: <scale>-agent-sessions)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -13,7 +13,8 @@ client, given or built from ``url``; ``extra_body`` carries the hint). Usage: do
 - ``fixed_prefix`` marks the agent's fixed prompt, measured once per distinct value with the
   server's ``/tokenize`` or left to the server. Details: :class:`Workflow`.
 - ``last_turn=True`` on any call says the agent will not resume it (``keep_context: false``);
-  :meth:`Workflow.conversation` keeps a multi-turn, tool-calling chat (``kvflow.conversation``).
+  ``expected_pause_s=`` how long after it the agent's next call comes (e.g. its tool's typical
+  latency); :meth:`Workflow.conversation` keeps a multi-turn, tool-calling chat (``kvflow.conversation``).
 """
 
 from __future__ import annotations
@@ -113,25 +114,33 @@ class _WorkflowBase:
         return {"workflow_id": self.workflow_id, "graph": self.graph.to_json()}
 
     def hint(
-        self, agent_id: str, fixed_prefix_len: int | None = None, last_turn: bool = False
+        self,
+        agent_id: str,
+        fixed_prefix_len: int | None = None,
+        last_turn: bool = False,
+        expected_pause_s: float | None = None,
     ) -> dict[str, Any]:
         """The ``kvflow`` hint this workflow attaches to a call of ``agent_id``.
 
         ``last_turn``: the agent will not resume this call's prompt + output (``keep_context:
-        false``), so the server keeps it as plain LRU at once.
+        false``), so the server keeps it as plain LRU at once. ``expected_pause_s``: seconds from
+        this call's end to the agent's next call, ranking its context in between.
         """
         hint: dict[str, Any] = {"workflow_id": self.workflow_id, "agent_id": agent_id}
         if fixed_prefix_len is not None:
             hint["fixed_prefix_len"] = fixed_prefix_len
         if last_turn:
             hint["keep_context"] = False
+        if expected_pause_s is not None:
+            hint["expected_pause_s"] = expected_pause_s
         return hint
 
     def _session_params(
-        self, given: Any, agent_id: str, fixed_prefix_len: int | None, last_turn: bool
+        self, given: Any, agent_id: str, fixed_prefix_len: int | None, turn: tuple[bool, float | None]
     ) -> dict[str, Any]:
-        """``session_params`` carrying the hint (and behind a router the graph), beside ``given``'s keys."""
-        carried = {**(given or {}), TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len, last_turn)}
+        """``session_params`` carrying the hint (and behind a router the graph), beside ``given``'s keys;
+        ``turn`` is the call's ``(last_turn, expected_pause_s)``."""
+        carried = {**(given or {}), TRANSPORT_KEY: self.hint(agent_id, fixed_prefix_len, *turn)}
         if self.router and self.graph is not None:
             carried[GRAPH_KEY] = self.graph.to_json()
         return carried
@@ -196,21 +205,25 @@ class _WorkflowBase:
         input_ids: Sequence[int] | None,
         fixed_prefix_len: int | None,
         sampling_params: Mapping[str, Any] | None,
-        last_turn: bool,
+        turn: tuple[bool, float | None],
         fields: dict[str, Any],
     ) -> dict[str, Any]:
         prompt = {"text": text} if text is not None else {"input_ids": list(input_ids)}
         given = fields.pop(ROUTED_FIELD, None)
-        session = self._session_params(given, agent_id, fixed_prefix_len, last_turn)
+        session = self._session_params(given, agent_id, fixed_prefix_len, turn)
         return {**prompt, "sampling_params": dict(sampling_params or {}), **fields, ROUTED_FIELD: session}
 
     def _openai_kwargs(
-        self, agent_id: str, fixed_prefix_len: int | None, last_turn: bool, kwargs: dict[str, Any]
+        self,
+        agent_id: str,
+        fixed_prefix_len: int | None,
+        turn: tuple[bool, float | None],
+        kwargs: dict[str, Any],
     ) -> dict:
         kwargs.setdefault("model", DEFAULT_MODEL)
         extra_body = dict(kwargs.get("extra_body") or {})
         extra_body[ROUTED_FIELD] = self._session_params(
-            extra_body.get(ROUTED_FIELD), agent_id, fixed_prefix_len, last_turn
+            extra_body.get(ROUTED_FIELD), agent_id, fixed_prefix_len, turn
         )
         kwargs["extra_body"] = extra_body
         kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **self._routing_headers()}
@@ -307,12 +320,14 @@ class Workflow(_WorkflowBase):
         fixed_prefix: int | str | None = None,
         sampling_params: Mapping[str, Any] | None = None,
         last_turn: bool = False,
+        expected_pause_s: float | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """``POST /generate`` as ``agent_id``; ``fields`` are further body fields."""
         fixed_len = self._resolve(self._text_prefix(self._prompt(text, input_ids), fixed_prefix))
         self.register()
-        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, last_turn, fields)
+        turn = (last_turn, expected_pause_s)
+        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, turn, fields)
         return self._request("POST", "/generate", body)
 
     def chat(
@@ -322,13 +337,16 @@ class Workflow(_WorkflowBase):
         *,
         fixed_prefix: int | str | None = "system",
         last_turn: bool = False,
+        expected_pause_s: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """``client.chat.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = self._resolve(self._chat_prefix(messages, fixed_prefix))
         self.register()
         return self.openai.chat.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"messages": list(messages), **kwargs})
+            **self._openai_kwargs(
+                agent_id, fixed_len, (last_turn, expected_pause_s), {"messages": list(messages), **kwargs}
+            )
         )
 
     def conversation(self, agent_id: str, system: str | None = None, **defaults: Any) -> Conversation:
@@ -342,13 +360,16 @@ class Workflow(_WorkflowBase):
         *,
         fixed_prefix: int | str | None = None,
         last_turn: bool = False,
+        expected_pause_s: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """``client.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = self._resolve(self._text_prefix(prompt, fixed_prefix))
         self.register()
         return self.openai.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"prompt": prompt, **kwargs})
+            **self._openai_kwargs(
+                agent_id, fixed_len, (last_turn, expected_pause_s), {"prompt": prompt, **kwargs}
+            )
         )
 
     def set_frontier(
@@ -437,12 +458,14 @@ class AsyncWorkflow(_WorkflowBase):
         fixed_prefix: int | str | None = None,
         sampling_params: Mapping[str, Any] | None = None,
         last_turn: bool = False,
+        expected_pause_s: float | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """``POST /generate`` as ``agent_id``; ``fields`` are further body fields."""
         fixed_len = await self._resolve(self._text_prefix(self._prompt(text, input_ids), fixed_prefix))
         await self.register()
-        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, last_turn, fields)
+        turn = (last_turn, expected_pause_s)
+        body = self._generate_body(agent_id, text, input_ids, fixed_len, sampling_params, turn, fields)
         return await self._request("POST", "/generate", body)
 
     async def chat(
@@ -452,13 +475,16 @@ class AsyncWorkflow(_WorkflowBase):
         *,
         fixed_prefix: int | str | None = "system",
         last_turn: bool = False,
+        expected_pause_s: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """``client.chat.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = await self._resolve(self._chat_prefix(messages, fixed_prefix))
         await self.register()
         return await self.openai.chat.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"messages": list(messages), **kwargs})
+            **self._openai_kwargs(
+                agent_id, fixed_len, (last_turn, expected_pause_s), {"messages": list(messages), **kwargs}
+            )
         )
 
     def conversation(self, agent_id: str, system: str | None = None, **defaults: Any) -> AsyncConversation:
@@ -472,13 +498,16 @@ class AsyncWorkflow(_WorkflowBase):
         *,
         fixed_prefix: int | str | None = None,
         last_turn: bool = False,
+        expected_pause_s: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """``client.completions.create`` as ``agent_id`` (``kwargs`` go to it)."""
         fixed_len = await self._resolve(self._text_prefix(prompt, fixed_prefix))
         await self.register()
         return await self.openai.completions.create(
-            **self._openai_kwargs(agent_id, fixed_len, last_turn, {"prompt": prompt, **kwargs})
+            **self._openai_kwargs(
+                agent_id, fixed_len, (last_turn, expected_pause_s), {"prompt": prompt, **kwargs}
+            )
         )
 
     async def set_frontier(

@@ -12,6 +12,8 @@ template, starts with the prompt + output the server cached for this turn (docs/
   :meth:`send`; the server learns the pause from the agent's turns, nothing else is sent.
 - ``send(..., last_turn=True)`` marks the last turn (``keep_context: false``): the server keeps
   its context as plain LRU at once. Ending the workflow releases it too.
+- ``send(..., expected_pause_s=12.0)`` (any ``chat`` argument passes through) says when the next
+  turn comes, e.g. the typical latency of the tools the reply calls.
 - The list changes only when a call succeeds, so a failed ``send`` can be retried as it was.
 """
 

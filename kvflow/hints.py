@@ -5,7 +5,8 @@ A hint is a JSON object::
     {"workflow_id": "wf-1", "agent_id": "planner",
      "fixed_prefix_len": 812,                       # optional
      "steps_to_execution": {"planner": 0, "coder": 1},  # optional
-     "keep_context": false}                          # optional, default true
+     "keep_context": false,                          # optional, default true
+     "expected_pause_s": 2.5}                        # optional
 
 - Clients send it in one of the forms of docs/design.md, "Hint rules", or as
   ``session_params.kvflow`` (:data:`ROUTED_FIELD`; see :func:`parse_hint`).
@@ -39,7 +40,15 @@ KV_HINTS_ACTION_TYPE = NAME
 MAX_ID_LEN = 256
 MAX_STEPS_ENTRIES = 1024
 MAX_STEPS_VALUE = 1_000_000
-_FIELDS = ("workflow_id", "agent_id", "fixed_prefix_len", "steps_to_execution", "keep_context")
+MAX_PAUSE_S = 86_400.0  # one day: an expected pause beyond it is a mistake, not a plan
+_FIELDS = (
+    "workflow_id",
+    "agent_id",
+    "fixed_prefix_len",
+    "steps_to_execution",
+    "keep_context",
+    "expected_pause_s",
+)
 
 
 class HintError(ValueError):
@@ -61,6 +70,9 @@ class WorkflowHint:
     # False: this request's context (prompt + output) will not be resumed (its agent's last turn,
     # or an opt-out), so it stays plain LRU (kvflow.cache.contexts).
     keep_context: bool = True
+    # Seconds from this request's end to its agent's next request (e.g. its tool's typical
+    # latency): the client's estimate of the pause after it (kvflow.cache.pauses).
+    expected_pause_s: float | None = None
 
     def to_json(self) -> str:
         """Canonical JSON, the form carried to the scheduler."""
@@ -71,6 +83,8 @@ class WorkflowHint:
             body["steps_to_execution"] = dict(self.steps_to_execution)
         if not self.keep_context:
             body["keep_context"] = False
+        if self.expected_pause_s is not None:
+            body["expected_pause_s"] = self.expected_pause_s
         return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
@@ -152,7 +166,18 @@ def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = NAME) -
     keep_context = raw.get("keep_context", True)
     if not isinstance(keep_context, bool):
         raise HintError(f"{prefix}.keep_context", f"must be true or false, got {type(keep_context).__name__}")
-    return WorkflowHint(workflow_id, agent_id, fixed_prefix_len, steps, keep_context)
+    pause = raw.get("expected_pause_s")
+    if pause is not None:
+        pause = _check_pause(pause, f"{prefix}.expected_pause_s")
+    return WorkflowHint(workflow_id, agent_id, fixed_prefix_len, steps, keep_context, pause)
+
+
+def _check_pause(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise HintError(name, f"must be a number of seconds, got {type(value).__name__}")
+    if not 0 < value <= MAX_PAUSE_S:  # also false for NaN
+        raise HintError(name, f"must be > 0 and <= {MAX_PAUSE_S:g} seconds, got {value}")
+    return float(value)
 
 
 def check_fixed_prefix_len(fixed_prefix_len: int | None, prompt_len: int | None, prefix: str = NAME) -> None:

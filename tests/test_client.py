@@ -12,6 +12,7 @@ from openai.types.chat import ChatCompletion
 
 from kvflow.client import ROUTING_HEADER, AsyncWorkflow, KVFlowError, Workflow
 from kvflow.graph import AgentStepGraph
+from kvflow.hints import parse_hint
 
 GRAPH = AgentStepGraph(["planner", "coder"])
 GRAPH.add_edge("planner", "coder")
@@ -220,6 +221,22 @@ def test_last_turn_sends_keep_context_false_on_every_call_style():
     workflow.completion("coder", "x")
     hints = [hint_of(server.calls[-1][2])] + [hint_of(c["extra_body"]) for c in workflow.openai.created]
     assert [hint.get("keep_context") for hint in hints] == [False, False, False, None]
+
+
+def test_expected_pause_s_is_sent_on_every_call_style_and_a_conversation_turn():
+    server = FakeServer()
+    workflow = workflow_with(server)
+    workflow.generate("planner", text="x", expected_pause_s=2.5)
+    workflow.chat("planner", [{"role": "user", "content": "x"}], expected_pause_s=30)
+    workflow.completion("coder", "x", last_turn=True, expected_pause_s=0.5)
+    workflow.completion("coder", "x")
+    hints = [hint_of(server.calls[-1][2])] + [hint_of(c["extra_body"]) for c in workflow.openai.created]
+    workflow._openai = ToolCallingOpenAI()
+    workflow.conversation("planner").send("x", expected_pause_s=4.0)  # passed through to chat
+    hints.append(hint_of(workflow.openai.created[0]["extra_body"]))
+    assert [hint.get("expected_pause_s") for hint in hints] == [2.5, 30, 0.5, None, 4.0]
+    assert [parse_hint(hint).expected_pause_s for hint in hints] == [2.5, 30.0, 0.5, None, 4.0]
+    assert hints[2]["keep_context"] is False
 
 
 SEARCH = {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"q": "x"}'}}

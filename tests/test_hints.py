@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvflow.frontend.hint_rewrite import rewrite_body
-from kvflow.hints import MAX_STEPS_ENTRIES, HintError, WorkflowHint, decode_transport, parse_hint
+from kvflow.hints import MAX_PAUSE_S, MAX_STEPS_ENTRIES, HintError, WorkflowHint, decode_transport, parse_hint
 
 GOOD = {"workflow_id": "w", "agent_id": "a"}
 
@@ -20,6 +20,10 @@ def test_parse_full_hint_round_trips_through_the_transport():
     last = parse_hint({**GOOD, "keep_context": False})
     assert not last.keep_context and decode_transport({"kvflow": last.to_json()}) == last
     assert parse_hint(GOOD).keep_context and "keep_context" not in parse_hint(GOOD).to_json()
+    paused = parse_hint({**GOOD, "expected_pause_s": 2})
+    assert paused.expected_pause_s == 2.0 and decode_transport({"kvflow": paused.to_json()}) == paused
+    assert parse_hint({**GOOD, "expected_pause_s": MAX_PAUSE_S}).expected_pause_s == MAX_PAUSE_S
+    assert parse_hint(GOOD).expected_pause_s is None and "expected_pause_s" not in parse_hint(GOOD).to_json()
 
 
 @pytest.mark.parametrize(
@@ -43,6 +47,14 @@ def test_parse_full_hint_round_trips_through_the_transport():
         ),
         ({**GOOD, "keep_context": "no"}, "kvflow.keep_context"),
         ({**GOOD, "keep_context": 0}, "kvflow.keep_context"),
+        ({**GOOD, "expected_pause_s": "2"}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": True}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": 0}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": -1.5}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": MAX_PAUSE_S * 2}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": 10**400}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": float("nan")}, "kvflow.expected_pause_s"),
+        ({**GOOD, "expected_pause_s": float("inf")}, "kvflow.expected_pause_s"),
         ({**GOOD, "priority": 1}, "kvflow.priority"),
     ],
 )

@@ -93,6 +93,14 @@ def test_deep_nesting_without_the_key_passes_through_untouched():
     assert reached == raw and sent[0]["status"] == 200
 
 
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"0", b"86401"])
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/v1/completions"])
+def test_a_pause_that_is_not_a_finite_positive_number_of_seconds_is_a_400(path, value):
+    raw = b'{"input_ids": [1], "kvflow": {"workflow_id": "w", "agent_id": "a", "expected_pause_s": '
+    error = error_of(through_middleware(raw + value + b"}}", path)[0])
+    assert error["param"] == "kvflow.expected_pause_s"
+
+
 @pytest.mark.parametrize("field", ["workflow_id", "agent_id"])
 def test_lone_surrogates_in_ids_are_a_400(field):
     raw = json.dumps({"input_ids": [1], "kvflow": {**GOOD, field: "s\ud800"}}).encode()

@@ -35,7 +35,14 @@ pytestmark = pytest.mark.e2e
 TIMEOUT = 30
 HEADERS = {"Content-Type": "application/json"}
 PLAIN = {"input_ids": list(range(40, 60)), "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
-HINT_FIELDS = ("workflow_id", "agent_id", "fixed_prefix_len", "steps_to_execution")
+HINT_FIELDS = (
+    "workflow_id",
+    "agent_id",
+    "fixed_prefix_len",
+    "steps_to_execution",
+    "keep_context",
+    "expected_pause_s",
+)
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -869,6 +876,8 @@ HOSTILE_BODIES = {
     "5000-digits": HINTED[:-1] + b', "fixed_prefix_len": ' + b"9" * 5000 + b"}}",
     "5000-digit-steps": HINTED[:-1] + b', "steps_to_execution": {"a": ' + b"9" * 5000 + b"}}}",
     "1e400": HINTED[:-1] + b', "fixed_prefix_len": 1e400}}',
+    "nan-pause": HINTED[:-1] + b', "expected_pause_s": NaN}}',
+    "1e400-pause": HINTED[:-1] + b', "expected_pause_s": 1e400}}',
     "bom": b"\xef\xbb\xbf" + HINTED + b"}",
     "invalid-utf8-id": HINTED.replace(b'"a"', b'"\xff\xfe"') + b"}",
     "invalid-utf8-outside": HINTED + b"\xff}",

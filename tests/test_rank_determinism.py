@@ -30,21 +30,26 @@ from kvflow.hints import TIME_KEY, WorkflowHint, read_stamp, transport, transpor
 TTL = 5.0
 
 
-def _stream(n: int = 120) -> list[tuple[float, list[int], WorkflowHint | None]]:
-    """(HTTP stamp, prompt, hint): three workflows (one stops and must expire), un-hinted traffic."""
+def _stream(n: int = 120, paused: bool = False) -> list[tuple[float, list[int], WorkflowHint | None]]:
+    """(HTTP stamp, prompt, hint): three workflows (one stops and must expire), un-hinted traffic;
+    ``paused``: each hint expects a pause after its request (``expected_pause_s``)."""
     events, stamp = [], 1000.0
     for turn in range(n):
         stamp += 0.5 if turn % 17 else 4.0  # now and then a pause near the TTL
         workflow = f"w{turn % 3}" if turn < 40 else f"w{turn % 2}"  # w2 stops after turn 40
         agent = turn % 4
         prompt = [1000 * (1 + turn % 3) + 10 * agent + j for j in range(24)] + [turn]
-        hint = WorkflowHint(workflow, f"a{agent}", 24, {f"a{j}": (j - agent) % 4 for j in range(4)})
+        steps = {f"a{j}": (j - agent) % 4 for j in range(4)}
+        hint = WorkflowHint(
+            workflow, f"a{agent}", 24, steps, expected_pause_s=0.5 + agent if paused else None
+        )
         events.append((stamp, prompt, hint if turn % 5 else None))
     return events
 
 
-def _drive_as_rank(monkeypatch: pytest.MonkeyPatch, offset: float, rate: float) -> dict:
-    """Run the stream on a fresh cache while this process's clocks are skewed; return what it decided."""
+def _drive_as_rank(monkeypatch: pytest.MonkeyPatch, offset: float, rate: float, paused: bool = False) -> dict:
+    """Run the stream on a fresh cache while this process's clocks are skewed; return what it decided.
+    ``paused``: hints expect pauses and requests carry their stamps (the rate they convert at)."""
     monkeypatch.setenv("KVFLOW_CONFIG", json.dumps({"hint_ttl": TTL}))
     real = time.monotonic
     start = real()
@@ -52,17 +57,19 @@ def _drive_as_rank(monkeypatch: pytest.MonkeyPatch, offset: float, rate: float) 
         monkeypatch.setattr(time, name, lambda: offset + rate * (real() - start))
     driver = CacheDriver(size=160)
     cache, tracked = driver.cache, []
-    for stamp, prompt, hint in _stream():
+    for stamp, prompt, hint in _stream(paused=paused):
         cache.kvflow.advance_clock(stamp)  # the HTTP process's clock command
-        driver.serve(prompt, hint)
+        driver.serve(prompt, hint, stamp=stamp if paused else None)
         tracked.append(sorted(w.workflow_id for w in cache.kvflow.workflows.workflows()))
     monkeypatch.undo()
-    next_uses = {
-        (w.workflow_id, a.agent_id): a.next_use
-        for w in cache.kvflow.workflows.workflows()
-        for a in w.agents.values()
+    agents = [a for w in cache.kvflow.workflows.workflows() for a in w.agents.values()]
+    return {
+        "freed": driver.allocator.freed,
+        "tracked": tracked,
+        "next_uses": {(a.workflow_id, a.agent_id): a.next_use for a in agents},
+        "pauses": {(a.workflow_id, a.agent_id): (a.pauses.source, a.pauses.expected) for a in agents},
+        "ticks_per_second": cache.kvflow.workflows.logical_clock.ticks_per_second,
     }
-    return {"freed": driver.allocator.freed, "tracked": tracked, "next_uses": next_uses}
 
 
 def test_two_ranks_with_skewed_clocks_expire_evict_and_order_alike(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,6 +79,17 @@ def test_two_ranks_with_skewed_clocks_expire_evict_and_order_alike(monkeypatch: 
     assert "w2" in rank0["tracked"][40] and "w2" not in rank0["tracked"][-1]  # the TTL expired it
     assert "w0" in rank0["tracked"][-1]
     assert rank0["freed"]  # and eviction really ran
+
+
+def test_pause_hints_become_the_same_ticks_on_ranks_with_skewed_clocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rank0 = _drive_as_rank(monkeypatch, 0.0, 1.0, paused=True)
+    rank1 = _drive_as_rank(monkeypatch, 1e6, 1000.0, paused=True)
+    assert rank0 == rank1
+    assert rank0["ticks_per_second"] is not None  # measured from the stamps alone
+    assert "hint" in {source for source, _ in rank0["pauses"].values()}
+    assert rank0["pauses"] != _drive_as_rank(monkeypatch, 0.0, 1.0)["pauses"]  # the hints counted
 
 
 def test_a_request_advances_the_clock_by_the_stamp_its_transport_carries() -> None:

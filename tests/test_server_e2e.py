@@ -111,6 +111,9 @@ MALFORMED = [
     ("kvflow.steps_to_execution.b", {**GOOD, "steps_to_execution": {"b": -1}}),
     ("kvflow.steps_to_execution.b", {**GOOD, "steps_to_execution": {"b": 1.5}}),
     ("kvflow.steps_to_execution", {**GOOD, "steps_to_execution": {f"x{i}": 1 for i in range(1025)}}),
+    ("kvflow.expected_pause_s", {**GOOD, "expected_pause_s": "2s"}),
+    ("kvflow.expected_pause_s", {**GOOD, "expected_pause_s": 0}),
+    ("kvflow.expected_pause_s", {**GOOD, "expected_pause_s": 86_401}),
     ("kvflow.colour", {**GOOD, "colour": "red"}),
 ]
 

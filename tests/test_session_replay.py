@@ -54,7 +54,7 @@ def test_sessions_end_abandoned_and_with_subagents(mixed):
 
 def test_a_pool_that_holds_everything_recomputes_no_history(mixed):
     size = mixed.context_tokens()
-    for policy in session_replay.REAL:
+    for policy in (*session_replay.REAL, "kvflow_paused"):
         hits = session_replay.replay_real(mixed, size, policy)
         assert [min(h, t.history_len) for h, t in zip(hits, mixed.turns, strict=True)] == [
             t.history_len for t in mixed.turns
@@ -97,6 +97,14 @@ def test_cli_writes_json_and_markdown(tmp_path):
         "ttl_pin",
     }
     assert "| kvflow | " in (tmp_path / "t.md").read_text()
+
+
+def test_kvflow_paused_measures_the_tick_rate_from_the_turn_starts_and_uses_the_stated_pauses():
+    trace = small(tool_sigma=0.5, seed=0)
+    size = session_replay.pool_size(trace, 0.25)
+    paused = session_replay.replay_real(trace, size, "kvflow_paused")
+    assert paused == session_replay.replay_real(trace, size, "kvflow_paused")  # deterministic
+    assert paused != session_replay.replay_real(trace, size, "kvflow")  # the stated pauses count
 
 
 @pytest.mark.parametrize("variant", list(session_replay.TRACES))

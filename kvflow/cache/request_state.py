@@ -23,6 +23,8 @@ class RequestState:
     held: bool = False  # held back at least once by a prefetch in flight
     keep_context: bool = True  # its hint's: its context may become its agent's
     context_len: int = 0  # tokens the finished request inserted into the tree (its prompt + output)
+    expected_pause_s: float | None = None  # its hint's: the pause after it, in seconds
+    admitted_at: int = 0  # the logical clock when it was admitted (its agent's pauses' last request)
 
 
 def request_state(req: Any) -> RequestState:

@@ -34,6 +34,7 @@ def render_stats(core: WorkflowCache, query: StatsQuery | None = None) -> dict[s
             "clock": workflows.logical_clock.now,
             "prior_interval": workflows.logical_clock.prior_interval,
             "prior_pause": workflows.logical_clock.prior_pause,
+            "ticks_per_second": workflows.logical_clock.ticks_per_second,
         },
         "pool_tokens": core.cache.token_to_kv_pool_allocator.size,
         "totals": {
@@ -108,8 +109,8 @@ def _context_detail(agent: AgentState) -> dict[str, Any]:
         "next_use": agent.context_next_use,
         "pauses": {
             "observed": pauses.observed,
-            "gap": pauses.estimate,
-            "gap_source": "measured" if pauses.observed else "prior",
+            "gap": pauses.length,
+            "gap_source": pauses.source,
             "stretch": pauses.stretch,
             "last_request": pauses.last_request,
             "paused_for": pauses.clock.now - pauses.last_request if pauses.last_request else None,

@@ -16,6 +16,11 @@ offline replay reproduces them, so every rank computes the same next uses; no wa
 clock is read. A workflow seen once has no interval yet and takes the prior:
 the smoothed interval over every workflow (1 before any was measured).
 
+Seconds a client states (a hint's ``expected_pause_s``) become ticks at the clock's rate, measured
+only from the HTTP process's stamps on hinted requests (:mod:`kvflow.cache.stamped_clock`) over
+windows of :data:`RATE_WINDOW` ticks and smoothed as seconds per tick; until one window is measured
+there is no rate and such hints are ignored.
+
 A workflow that stalls (a slow tool, or it is done and nobody said so)
 would keep the expected times of its last step, earlier than anything else.
 So a workflow whose step has lasted ``REVIEW_FACTOR`` times its interval is
@@ -40,6 +45,7 @@ URGENCY_MODES = ("time", "hops")
 # speeds up within two steps, while one outlier step moves the estimate only halfway.
 SMOOTHING = 0.5
 REVIEW_FACTOR = 2
+RATE_WINDOW = 8  # ticks per sample of the clock's rate: one tick's stamp gap is mostly jitter
 
 
 def smoothed(estimate: float, sample: float, measured: bool) -> float:
@@ -60,8 +66,10 @@ class LogicalClock:
     now: int = 0
     prior_interval: float = 1.0
     prior_pause: float = 1.0  # an agent's gap between requests, smoothed in log space (pauses.py)
+    seconds_per_tick: float | None = None  # stamped seconds per tick, smoothed (None: not measured)
     _measured: bool = False
     _pause_measured: bool = False
+    _rate_since: tuple[int, float] | None = None  # (tick, stamp) where the current rate window began
 
     def __post_init__(self) -> None:
         if self.mode not in URGENCY_MODES:
@@ -70,6 +78,28 @@ class LogicalClock:
     def tick(self) -> int:
         self.now += 1
         return self.now
+
+    def stamped(self, stamp: float) -> None:
+        """The hinted request that just ticked the clock was stamped ``stamp`` (never decreasing)."""
+        if self._rate_since is None:
+            self._rate_since = (self.now, stamp)
+            return
+        tick, since = self._rate_since
+        if self.now - tick >= RATE_WINDOW and stamp > since:
+            sample = (stamp - since) / (self.now - tick)
+            measured = self.seconds_per_tick is not None
+            self.seconds_per_tick = smoothed(self.seconds_per_tick or 0.0, sample, measured)
+            self._rate_since = (self.now, stamp)
+
+    @property
+    def ticks_per_second(self) -> float | None:
+        """The clock's measured rate (None before a window of stamps was measured)."""
+        return None if self.seconds_per_tick is None else 1.0 / self.seconds_per_tick
+
+    def ticks_for(self, seconds: float) -> float | None:
+        """``seconds`` of stamped time in ticks, at least 1; None while the rate is not measured."""
+        rate = self.ticks_per_second
+        return None if rate is None else max(1.0, seconds * rate)
 
     def measured(self, interval: int) -> None:
         """One workflow's interval was measured: fold it into the prior."""

@@ -121,10 +121,11 @@ class WorkflowCache:
         hint = decode_transport(custom_params)
         if hint is None:
             return
-        self.clock.advance(transport_time(custom_params))
-        agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt)
+        stamp = transport_time(custom_params)
+        agent = self.observe_hint(hint, req.origin_input_ids, req.extra_key, req.cache_salt, stamp)
         if agent is not None:
             state.agent, state.keep_context = agent, hint.keep_context
+            state.expected_pause_s, state.admitted_at = hint.expected_pause_s, agent.pauses.last_request
             state.fixed_len = min(agent.fixed_prefix_len or 0, len(req.origin_input_ids))
             if self.prefetcher is not None:
                 self.prefetcher.on_admit(agent, held=state.held)
@@ -155,6 +156,8 @@ class WorkflowCache:
                 state.fixed_len, req.cached_tokens, req.cached_tokens_device, req.cached_tokens_host
             )
         agent.request_finished(len(req.origin_input_ids) - state.fixed_len + len(req.output_ids))
+        if state.expected_pause_s is not None:
+            self.expect_pause(agent, state.expected_pause_s, state.admitted_at)
         if state.context_len:
             context = (req.origin_input_ids + req.output_ids)[: state.context_len]
             self.claim_context(agent, context, req.extra_key, req.cache_salt, keep=state.keep_context)
@@ -165,7 +168,7 @@ class WorkflowCache:
     # kvflow's decisions, checked by SGLang's rank-consensus checker (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1)
     # like the base class's: every tensor-parallel rank must make them alike (stamped_clock.py).
     @rank_consensus(
-        same_params=["hint", "len(token_ids)"],
+        same_params=["hint", "len(token_ids)", "stamp"],
         same_results=["None if result is None else (result.agent_id, result.next_use)"],
     )
     def observe_hint(
@@ -174,11 +177,18 @@ class WorkflowCache:
         token_ids: Sequence[int],
         extra_key: str | None = None,
         cache_salt: str | None = None,
+        stamp: float | None = None,
     ) -> AgentState | None:
-        """Apply one request's hint: merge steps, refresh next uses, and claim the agent's boundary."""
+        """Apply one request's hint: merge steps, refresh next uses, and claim the agent's boundary.
+
+        ``stamp``: the HTTP process's time stamp on the request (:func:`kvflow.hints.transport`), if any.
+        """
+        if stamp is not None:
+            self.clock.advance(stamp)
         self.expire(room_for=len(hint.steps_to_execution) + 1)
         self.hinted_requests += 1
-        agent, changed = self.workflows.observe(hint, token_ids)
+        clock_reading = self.clock() if stamp is not None else None
+        agent, changed = self.workflows.observe(hint, token_ids, clock_reading)
         if agent is not None:
             self.claim(agent, token_ids, extra_key, cache_salt, rebudget=False)
             self.contexts.observe(agent, token_ids)
@@ -204,6 +214,15 @@ class WorkflowCache:
         self.cache.tree_core.ownership.refresh_many(nodes)
         if self.prefetcher is not None:
             self.prefetcher.watch(agents)
+
+    def expect_pause(self, agent: AgentState, seconds: float, admitted_at: int) -> bool:
+        """The agent's request admitted at ``admitted_at`` finished, its hint expecting the next
+        request ``seconds`` later (``expected_pause_s``): rank its context by that pause. False
+        when the hint cannot apply (:meth:`WorkflowTable.expect_pause`)."""
+        applied = self.workflows.expect_pause(agent, seconds, admitted_at)
+        if applied:
+            self._refresh_next_use([agent], self.workflows.get(agent.workflow_id))
+        return applied
 
     def agent_finished(self, agent: AgentState) -> None:
         """The agent's request finished: unless a newer hint moved it, it becomes its workflow's farthest."""

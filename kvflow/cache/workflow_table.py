@@ -210,14 +210,17 @@ class WorkflowTable:
         return self._workflows.page(offset, limit)
 
     def observe(
-        self, hint: WorkflowHint, prompt: Sequence[int]
+        self, hint: WorkflowHint, prompt: Sequence[int], stamp: float | None = None
     ) -> tuple[AgentState | None, list[AgentState]]:
-        """Apply a request's hint; return its agent and the agents whose steps or next use changed."""
+        """Apply a request's hint (``stamp``: the stamped clock's reading, if the request was stamped);
+        return its agent and the agents whose steps or next use changed."""
         workflow = self._workflows.get(hint.workflow_id)
         if workflow is None:
             workflow = WorkflowState(hint.workflow_id, WorkflowPace(self.logical_clock))
         self._workflows.put(hint.workflow_id, workflow)
         workflow.pace.step()
+        if stamp is not None:
+            self.logical_clock.stamped(stamp)
         workflow.review_version = -1  # its review time moved: its entry is stale until rescheduled
 
         # The requesting agent first: a full steps map must not crowd it out of the per-workflow cap.
@@ -235,6 +238,22 @@ class WorkflowTable:
             if agent is not None:
                 self._schedule_pause_review(agent)
         return agent, changed
+
+    def expect_pause(self, agent: AgentState, seconds: float, admitted_at: int) -> bool:
+        """The agent's request admitted at ``admitted_at`` finished, its hint expecting the next one
+        ``seconds`` later: set that pause's length. False (nothing set) when the agent was hinted
+        again since, is no longer tracked, the clock's rate is not measured yet, or urgency is ``hops``."""
+        ticks = self.logical_clock.ticks_for(seconds)
+        if (
+            ticks is None
+            or self.logical_clock.mode != "time"
+            or agent.pauses.last_request != admitted_at
+            or agent.steps is None
+        ):
+            return False
+        agent.pauses.hint(ticks)
+        self._schedule_pause_review(agent)
+        return True
 
     def _schedule_pause_review(self, agent: AgentState) -> None:
         version = agent.review_version = next_version()

@@ -128,11 +128,13 @@ class CacheDriver:
         hint: WorkflowHint | None = None,
         session_id: str | None = None,
         prompt_len: int | None = None,
+        stamp: float | None = None,
     ) -> int:
         """Process one request; return how many of its tokens were already cached.
 
         ``tokens`` is its prompt and output, inserted whole as a finished request; the hint sees
-        the first ``prompt_len`` of them as the prompt (all of them when None).
+        the first ``prompt_len`` of them as the prompt (all of them when None). ``stamp`` is the
+        time (seconds) the HTTP process would have stamped on a hinted request.
 
         Like the scheduler, it allocates whole pages and inserts only the
         prompt's full pages; the slots of a trailing partial page are freed.
@@ -140,7 +142,7 @@ class CacheDriver:
         scheduler does for a finished request of that session.
         """
         cache, core, page = self.cache, workflow_cache(self.cache), self.page_size
-        agent = core.observe_hint(hint, tokens[:prompt_len]) if hint is not None else None
+        agent = core.observe_hint(hint, tokens[:prompt_len], stamp=stamp) if hint is not None else None
         if agent is not None and core.prefetcher is not None:
             core.prefetcher.on_admit(agent)
         generation = (
@@ -172,6 +174,8 @@ class CacheDriver:
             self.allocator.free(new[aligned - hit :])
         if agent is not None:
             core.claim(agent, tokens)
+            if hint.expected_pause_s is not None:
+                core.expect_pause(agent, hint.expected_pause_s, agent.pauses.last_request)
             core.claim_context(agent, tokens, keep=hint.keep_context)
             core.agent_finished(agent)
         self.served += 1
