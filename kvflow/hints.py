@@ -41,7 +41,7 @@ MAX_ID_LEN = 256
 MAX_STEPS_ENTRIES = 1024
 MAX_STEPS_VALUE = 1_000_000
 MAX_PAUSE_S = 86_400.0  # one day: an expected pause beyond it is a mistake, not a plan
-_FIELDS = (
+HINT_FIELDS = (  # every field a hint may carry
     "workflow_id",
     "agent_id",
     "fixed_prefix_len",
@@ -134,8 +134,8 @@ def parse_hint(raw: Any, *, prompt_len: int | None = None, prefix: str = NAME) -
     if not isinstance(raw, Mapping):
         raise HintError(prefix, f"must be a JSON object, got {type(raw).__name__}")
     for key in raw:
-        if key not in _FIELDS:
-            raise HintError(f"{prefix}.{key}", f"unknown field (expected one of {', '.join(_FIELDS)})")
+        if key not in HINT_FIELDS:
+            raise HintError(f"{prefix}.{key}", f"unknown field (expected one of {', '.join(HINT_FIELDS)})")
     for required in ("workflow_id", "agent_id"):
         if required not in raw:
             raise HintError(f"{prefix}.{required}", "is required")

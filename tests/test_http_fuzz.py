@@ -28,21 +28,13 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from kvflow.harness.server_process import ServerProcess
-from kvflow.hints import MAX_ID_LEN, MAX_STEPS_ENTRIES, MAX_STEPS_VALUE
+from kvflow.hints import HINT_FIELDS, MAX_ID_LEN, MAX_STEPS_ENTRIES, MAX_STEPS_VALUE
 
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = 30
 HEADERS = {"Content-Type": "application/json"}
 PLAIN = {"input_ids": list(range(40, 60)), "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
-HINT_FIELDS = (
-    "workflow_id",
-    "agent_id",
-    "fixed_prefix_len",
-    "steps_to_execution",
-    "keep_context",
-    "expected_pause_s",
-)
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
