@@ -77,8 +77,8 @@ def hint(session: LiveSession, tag: str, prompt_len: int, last: bool) -> dict:
     }
 
 
-def _generate(url: str, body: dict, timeout: float) -> tuple[float, float, dict]:
-    """One streamed ``/generate``: (TTFT, latency, last chunk)."""
+def stream_generate(url: str, body: dict, timeout: float) -> tuple[float, float, dict]:
+    """One streamed ``/generate``: (TTFT, latency, last chunk); TTFT is the latency if nothing streamed."""
     started = time.perf_counter()
     ttft, last = None, None
     with requests.post(f"{url}/generate", json=body, stream=True, timeout=timeout) as response:
@@ -133,7 +133,7 @@ def run_agent_chat(
                     body["session_id"] = tag + session.session_id
                 sent = time.perf_counter()
                 first = sent if first is None else first
-                ttft, latency, chunk = _generate(url, body, timeout)
+                ttft, latency, chunk = stream_generate(url, body, timeout)
                 meta = chunk["meta_info"]
                 output = list(chunk["output_ids"])
                 details = meta.get("cached_tokens_details") or {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.agent_chat import run_agent_chat
+from benchmarks.agent_chat import run_agent_chat, stream_generate
 from benchmarks.workloads import WORKLOADS, AgentChatWorkload, Call, Workload
 from kvflow.harness.provenance import provenance, write_result
 
@@ -69,24 +69,14 @@ def call_server(url: str, call: Call, hints: bool, priority: int | None, timeout
         body["kvflow"] = call.hint()
     if priority is not None:
         body["priority"] = priority
-    started = time.perf_counter()
-    ttft, last = None, None
-    with requests.post(f"{url}/generate", json=body, stream=True, timeout=timeout) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - started
-            last = json.loads(line[5:])
-    latency = time.perf_counter() - started
+    ttft, latency, last = stream_generate(url, body, timeout)
     meta = last["meta_info"]
     details = meta.get("cached_tokens_details") or {}
     return CallResult(
         call.workflow_id,
         call.agent_id,
         call.warmup,
-        ttft if ttft is not None else latency,
+        ttft,
         latency,
         meta["prompt_tokens"],
         call.fixed_len,
